@@ -1,0 +1,55 @@
+"""Configuration of the reward-shaped next-token objective (docs: ../shared/design/loss.md)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+POSITIVE_FORMS = ("power", "product")
+
+
+@dataclass
+class ShapedLossConfig:
+    """Rewards of the one-step policy gradient that generalises cross-entropy.
+
+    - ``beta``: shapes the ground-truth reward. < 0 favours precision (lower entropy), > 0 diversity.
+    - ``topk``: size of the set K_t of highest-probability tokens (over the whole vocabulary).
+    - ``topk_negative_reward``: reward of negatives inside K_t (the paper's lambda-tilde); > 0 keeps
+      plausible alternatives alive.
+    - ``tail_negative_reward``: reward of negatives outside K_t (the paper's lambda-hat); < 0
+      suppresses the long tail.
+    - ``positive_form``: "power", r = (1/pi)^((1-pi)^beta), or "product", r = (1-pi)^beta / pi.
+
+    beta = 0 with both negative rewards 0 is exactly cross-entropy.
+    """
+
+    beta: float = 0.0
+    topk: int = 100
+    topk_negative_reward: float = 0.0
+    tail_negative_reward: float = 0.0
+    positive_form: str = "power"
+
+    def __post_init__(self) -> None:
+        for name in ("beta", "topk_negative_reward", "tail_negative_reward"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"loss.{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"loss.{name} must be finite, got {value!r}")
+            setattr(self, name, float(value))
+        if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
+            raise ValueError(f"loss.topk must be an integer >= 1, got {self.topk!r}")
+        if self.positive_form not in POSITIVE_FORMS:
+            raise ValueError(
+                f"loss.positive_form must be one of {', '.join(POSITIVE_FORMS)}, "
+                f"got {self.positive_form!r}"
+            )
+
+    @property
+    def is_cross_entropy(self) -> bool:
+        """True when the objective reduces exactly to cross-entropy."""
+        return (
+            self.beta == 0.0
+            and self.topk_negative_reward == 0.0
+            and self.tail_negative_reward == 0.0
+        )

@@ -1,0 +1,157 @@
+"""vocab_parallel_shaped_loss at tp in {1, 2, 4} against single-process and float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from loss_reference import reference, relative_error
+
+from divprec.loss import STAT_NAMES, ShapedLossConfig, shaped_loss, vocab_parallel_shaped_loss
+from divprec.parallel.spawn import run_in_processes
+
+VOCAB = 96  # divisible by 1, 2, 4
+
+
+def _straddling_case(rows: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits whose top-5 spans every shard boundary, targets in and out of the top-k."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, VOCAB, generator=g)
+    # Large logits on both sides of each tp=2 and tp=4 boundary.
+    for col in (23, 24, 47, 48, 71, 72):
+        logits[:, col] += 4.0 + torch.rand(rows, generator=g)
+    target = torch.randint(0, VOCAB, (rows,), generator=g)
+    boundary = torch.tensor([24, 47, 71, 23, 72])  # both sides of the shard boundaries
+    target[0::2] = boundary.repeat(rows)[: len(target[0::2])]
+    return logits, target
+
+
+def _cases() -> list[tuple[str, ShapedLossConfig, torch.Tensor, torch.Tensor]]:
+    straddle_logits, straddle_target = _straddling_case()
+    g = torch.Generator().manual_seed(7)
+    ties = torch.randint(-2, 3, (8, VOCAB), generator=g).float()
+    ties_target = torch.randint(0, VOCAB, (8,), generator=g)
+    onehot = torch.randn(6, VOCAB, generator=g)
+    onehot_target = torch.randint(0, VOCAB, (6,), generator=g)
+    onehot[torch.arange(6), onehot_target] += 25.0
+    big = torch.randn(2, 3, VOCAB, generator=g) * 2  # leading dims [s, b]
+    big_target = torch.randint(0, VOCAB, (2, 3), generator=g)
+    return [
+        ("ce", ShapedLossConfig(topk=5), straddle_logits, straddle_target),
+        (
+            "precision_tail",
+            ShapedLossConfig(beta=-0.25, topk=5, tail_negative_reward=-0.1),
+            straddle_logits,
+            straddle_target,
+        ),
+        (
+            "diversity_head_product",
+            ShapedLossConfig(beta=0.5, topk=7, topk_negative_reward=0.1, positive_form="product"),
+            straddle_logits,
+            straddle_target,
+        ),
+        ("topk1", ShapedLossConfig(beta=-0.5, topk=1, tail_negative_reward=0.2), big, big_target),
+        (
+            "topkV",
+            ShapedLossConfig(beta=0.5, topk=VOCAB, topk_negative_reward=-0.3),
+            big,
+            big_target,
+        ),
+        (
+            "ties",
+            ShapedLossConfig(
+                beta=-0.25, topk=30, topk_negative_reward=0.2, tail_negative_reward=-0.1
+            ),
+            ties,
+            ties_target,
+        ),
+        (
+            "near_one_hot",
+            ShapedLossConfig(beta=-0.5, topk=5, tail_negative_reward=-0.1),
+            onehot,
+            onehot_target,
+        ),
+        (
+            "bf16",
+            ShapedLossConfig(beta=-0.25, topk=5, tail_negative_reward=-0.1),
+            straddle_logits.bfloat16(),
+            straddle_target,
+        ),
+    ]
+
+
+def _shard(logits: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    width = logits.shape[-1] // world
+    return logits[..., rank * width : (rank + 1) * width].contiguous()
+
+
+def _parallel_worker(rank: int, world: int) -> dict:
+    group = torch.distributed.group.WORLD
+    out = {}
+    for name, cfg, logits, target in _cases():
+        z = _shard(logits, rank, world).requires_grad_(True)
+        loss, stats = vocab_parallel_shaped_loss(z, target, cfg, tp_group=group)
+        loss.sum().backward()
+        out[name] = (loss.detach(), z.grad, {k: v.clone() for k, v in stats.items()})
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_vocab_parallel_equals_single_process(world):
+    results = run_in_processes(_parallel_worker, world)
+    for name, cfg, logits, target in _cases():
+        z = logits.clone().requires_grad_(True)
+        loss, stats = shaped_loss(z, target, cfg)
+        loss.sum().backward()
+        grad = torch.cat([results[r][name][1] for r in range(world)], dim=-1)
+        for rank in range(world):
+            rank_loss, _, rank_stats = results[rank][name]
+            torch.testing.assert_close(rank_loss, loss.detach(), rtol=1e-6, atol=1e-6, msg=name)
+            for stat in STAT_NAMES:
+                torch.testing.assert_close(
+                    rank_stats[stat], stats[stat], rtol=1e-6, atol=1e-6, msg=f"{name} {stat}"
+                )
+        torch.testing.assert_close(grad, z.grad, rtol=1e-5, atol=1e-7, msg=name)
+        if logits.dtype == torch.float32:
+            ref_loss, ref_grad, _ = reference(logits.reshape(-1, VOCAB), target.reshape(-1), cfg)
+            flat_grad = grad.reshape(-1, VOCAB)
+            assert relative_error(flat_grad, ref_grad) < 1e-5, name
+            torch.testing.assert_close(
+                flat_grad.double(), ref_grad, rtol=1e-5, atol=1e-6 * ref_grad.abs().max(), msg=name
+            )
+            torch.testing.assert_close(
+                loss.detach().reshape(-1).double(), ref_loss, rtol=1e-5, atol=1e-6, msg=name
+            )
+
+
+def _megatron_ce_worker(rank: int, world: int) -> dict:
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    try:
+        logits, target = _straddling_case(rows=12, seed=3)
+        logits = logits.reshape(3, 4, VOCAB)  # [s, b, v]
+        target = target.reshape(3, 4)
+        shard = _shard(logits, rank, world)
+        ours = shard.clone().requires_grad_(True)
+        # tp_group=None: megatron-core's tensor-parallel group.
+        loss, _ = vocab_parallel_shaped_loss(ours, target, ShapedLossConfig(topk=5))
+        loss.sum().backward()
+        theirs = shard.clone().requires_grad_(True)
+        ce = vocab_parallel_cross_entropy(theirs, target)
+        ce.sum().backward()
+        return {
+            "loss": (loss.detach(), ce.detach()),
+            "grad": (ours.grad, theirs.grad),
+        }
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_defaults_equal_megatron_vocab_parallel_cross_entropy(world):
+    for rank_out in run_in_processes(_megatron_ce_worker, world):
+        ours, theirs = rank_out["loss"]
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+        ours, theirs = rank_out["grad"]
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)

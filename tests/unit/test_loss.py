@@ -1,0 +1,216 @@
+"""shaped_loss against an independent float64 policy-gradient computation (single process)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from loss_reference import reference, relative_error
+
+from divprec.loss import STAT_NAMES, ShapedLossConfig, shaped_loss
+
+VOCAB = 64
+
+
+def make_case(rows: int = 12, vocab: int = VOCAB, scale: float = 3.0, seed: int = 0):
+    """Logits with targets at the argmax, the argmin and random positions (in and out of top-k)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * scale
+    target = torch.randint(0, vocab, (rows,), generator=g)
+    target[0::3] = logits[0::3].argmax(-1)
+    target[1::3] = logits[1::3].argmin(-1)
+    return logits, target
+
+
+def run(logits: torch.Tensor, target: torch.Tensor, cfg: ShapedLossConfig):
+    z = logits.clone().requires_grad_(True)
+    loss, stats = shaped_loss(z, target, cfg)
+    loss.sum().backward()
+    return loss, z.grad, stats
+
+
+GRID = list(
+    itertools.product(
+        ["power", "product"],
+        [-0.5, -0.25, 0.0, 0.5],
+        [1, 5, VOCAB],
+        [(0.1, -0.1), (-0.2, 0.3), (0.0, 0.0)],
+    )
+)
+
+
+@pytest.mark.parametrize(("form", "beta", "topk", "rewards"), GRID)
+def test_matches_float64_policy_gradient(form, beta, topk, rewards):
+    cfg = ShapedLossConfig(
+        beta=beta,
+        topk=topk,
+        topk_negative_reward=rewards[0],
+        tail_negative_reward=rewards[1],
+        positive_form=form,
+    )
+    logits, target = make_case(seed=hash((form, beta, topk, rewards)) % 1000)
+    loss, grad, stats = run(logits, target, cfg)
+    ref_loss, ref_grad, ref_stats = reference(logits, target, cfg)
+    assert loss.dtype == torch.float32 and loss.shape == target.shape
+    assert relative_error(grad, ref_grad) < 1e-5
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6 * ref_grad.abs().max())
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(stats[name].double(), ref_stats[name], rtol=1e-5, atol=1e-5)
+        assert stats[name].dtype == torch.float32 and not stats[name].requires_grad
+
+
+def test_target_inside_and_outside_topk_are_both_exercised():
+    logits, target = make_case()
+    kth = torch.topk(logits, 5, dim=-1).values[:, -1]
+    inside = logits.gather(-1, target[:, None])[:, 0] >= kth
+    assert inside.any() and (~inside).any()
+
+
+def test_defaults_equal_cross_entropy():
+    logits, target = make_case(rows=16)
+    cfg = ShapedLossConfig(topk=10)
+    loss, grad, stats = run(logits, target, cfg)
+    z = logits.clone().requires_grad_(True)
+    ce = F.cross_entropy(z, target, reduction="none")
+    ce.sum().backward()
+    torch.testing.assert_close(loss, ce, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, z.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(stats["nll"], ce.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_leading_dims_and_bf16_input():
+    logits, target = make_case(rows=12)
+    logits3 = logits.reshape(3, 4, VOCAB).bfloat16()
+    target3 = target.reshape(3, 4)
+    cfg = ShapedLossConfig(beta=-0.25, topk=5, tail_negative_reward=-0.1)
+    z = logits3.clone().requires_grad_(True)
+    loss, stats = shaped_loss(z, target3, cfg)
+    loss.sum().backward()
+    assert loss.shape == (3, 4) and loss.dtype == torch.float32
+    assert z.grad.dtype == torch.bfloat16
+    # bf16 values are exact in fp32: the fp32 computation on the same values is the reference.
+    ref_loss, ref_grad, ref_stats = reference(logits3.float().reshape(12, VOCAB), target, cfg)
+    torch.testing.assert_close(loss.reshape(-1).double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        z.grad.reshape(12, VOCAB).double(), ref_grad, rtol=1e-2, atol=1e-3 * ref_grad.abs().max()
+    )
+    torch.testing.assert_close(stats["entropy"].reshape(-1).double(), ref_stats["entropy"])
+
+
+def near_one_hot(margin: float, rows: int = 6, vocab: int = VOCAB, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g)
+    target = torch.randint(0, vocab, (rows,), generator=g)
+    logits[torch.arange(rows), target] += margin
+    return logits, target
+
+
+@pytest.mark.parametrize("form", ["power", "product"])
+@pytest.mark.parametrize("beta", [-0.5, -0.25, 0.5])
+def test_near_one_hot_is_accurate(form, beta):
+    # pi_x rounds to 1 in fp32 at this margin: 1 - pi_x must come from the other tokens' mass.
+    logits, target = near_one_hot(margin=25.0)
+    cfg = ShapedLossConfig(
+        beta=beta, topk=5, tail_negative_reward=-0.1, topk_negative_reward=0.05, positive_form=form
+    )
+    assert torch.softmax(logits, -1).gather(-1, target[:, None]).eq(1.0).all()
+    loss, grad, stats = run(logits, target, cfg)
+    ref_loss, ref_grad, ref_stats = reference(logits, target, cfg)
+    assert torch.isfinite(grad).all() and torch.isfinite(loss).all()
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(stats["entropy"].double(), ref_stats["entropy"], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("form", ["power", "product"])
+@pytest.mark.parametrize("beta", [-0.5, -0.25])
+def test_one_hot_beyond_fp32_has_no_nan(form, beta):
+    # Every other token underflows to exactly 0: gradients must be finite and tiny, not NaN.
+    logits, target = near_one_hot(margin=500.0)
+    for dtype in (torch.float32, torch.bfloat16):
+        cfg = ShapedLossConfig(beta=beta, topk=5, tail_negative_reward=-0.1, positive_form=form)
+        z = logits.to(dtype).detach().requires_grad_(True)
+        loss, stats = shaped_loss(z, target, cfg)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(z.grad.float()).all()
+        assert z.grad.float().abs().max() < 1e-6
+        for name in STAT_NAMES:
+            assert torch.isfinite(stats[name]).all(), name
+        assert (stats["target_prob"] == 1.0).all()
+
+
+def test_ties_at_kth_value_are_all_in_topk():
+    # Integer logits: many ties at the k-th value.
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(-3, 4, (10, VOCAB), generator=g).float()
+    target = torch.randint(0, VOCAB, (10,), generator=g)
+    cfg = ShapedLossConfig(topk=3, topk_negative_reward=0.2, tail_negative_reward=-0.3, beta=-0.25)
+    loss, grad, stats = run(logits, target, cfg)
+    ref_loss, ref_grad, ref_stats = reference(logits, target, cfg)
+    assert relative_error(grad, ref_grad) < 1e-5
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        stats["topk_mass"].double(), ref_stats["topk_mass"], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_rows_span_several_chunks(monkeypatch):
+    import divprec.loss.vocab_parallel as vp
+
+    monkeypatch.setattr(vp, "_CHUNK_ELEMENTS", VOCAB * 5)  # 5 rows per chunk, 12 rows
+    logits, target = make_case(rows=12)
+    cfg = ShapedLossConfig(beta=0.5, topk=5, topk_negative_reward=0.1, tail_negative_reward=-0.05)
+    loss, grad, _ = run(logits, target, cfg)
+    ref_loss, ref_grad, _ = reference(logits, target, cfg)
+    assert relative_error(grad, ref_grad) < 1e-5
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_keeps_one_fp32_copy_and_leaves_logits_untouched():
+    logits, target = make_case(rows=8)
+    z = logits.clone().bfloat16().requires_grad_(True)
+    before = z.detach().clone()
+    loss, _ = shaped_loss(z, target, ShapedLossConfig(beta=-0.25, topk=5))
+    vocab_sized = [t for t in loss.grad_fn.saved_tensors if t.numel() >= z.numel()]
+    assert len(vocab_sized) == 1 and vocab_sized[0].dtype == torch.float32
+    assert torch.equal(z.detach(), before)
+
+
+def test_target_out_of_range_is_an_error():
+    logits, target = make_case(rows=4)
+    target[2] = VOCAB
+    with pytest.raises(ValueError, match=r"target id 64 is outside the vocabulary \[0, 64\)"):
+        shaped_loss(logits, target, ShapedLossConfig(topk=5))
+    target[2] = -1
+    with pytest.raises(ValueError, match="target id -1"):
+        shaped_loss(logits, target, ShapedLossConfig(topk=5))
+
+
+def test_topk_larger_than_vocab_is_an_error():
+    logits, target = make_case(rows=4)
+    with pytest.raises(ValueError, match="loss.topk=100 exceeds the vocabulary size 64"):
+        shaped_loss(logits, target, ShapedLossConfig(topk=100))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"topk": 0}, "loss.topk must be an integer >= 1"),
+        ({"topk": 2.5}, "loss.topk must be an integer >= 1"),
+        ({"beta": float("nan")}, "loss.beta must be finite"),
+        ({"tail_negative_reward": float("inf")}, "loss.tail_negative_reward must be finite"),
+        ({"topk_negative_reward": "0.1"}, "loss.topk_negative_reward must be a number"),
+        ({"positive_form": "focal"}, "loss.positive_form must be one of power, product"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ShapedLossConfig(**kwargs)
+
+
+def test_cross_entropy_flag():
+    assert ShapedLossConfig().is_cross_entropy
+    assert not ShapedLossConfig(beta=-0.25).is_cross_entropy
