@@ -1,0 +1,22 @@
+"""Checkpointing configuration (the Hydra group ``checkpoint``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often sharded checkpoints are written, and what a run resumes from.
+
+    ``dir`` None: ``<run.dir>/checkpoints``. ``interval`` 0 saves only at the end of training.
+    ``resume`` "auto" continues from ``<dir>/latest`` when it exists; "never" starts fresh.
+    ``load`` names a checkpoint directory to start from (overrides ``resume``).
+    """
+
+    dir: str | None = None
+    interval: int = 0
+    keep_last: int | None = 3
+    async_save: bool = False
+    resume: str = "auto"  # "auto" | "never"
+    load: str | None = None

@@ -1,0 +1,185 @@
+"""Cross-field validation, before any process group, model or dataset exists.
+
+Each check raises :class:`ConfigError` with one line that names the key and says how to fix it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from divprec.config.schema import PretrainConfig
+from divprec.data.config import validate_data_config
+from divprec.metrics.config import validate_logging_config
+
+
+class ConfigError(ValueError):
+    """An inconsistent or impossible configuration value."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate_model(cfg: PretrainConfig) -> None:
+    m, p = cfg.model, cfg.parallel
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
+        _require(getattr(m, key) >= 1, f"model.{key} must be >= 1, got {getattr(m, key)}")
+    _require(
+        m.num_attention_heads % p.tensor == 0,
+        f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+        f"parallel.tensor={p.tensor}: choose a tensor-parallel size that divides the heads",
+    )
+    _require(
+        m.num_query_groups >= 1 and m.num_attention_heads % m.num_query_groups == 0,
+        f"model.num_query_groups={m.num_query_groups} must divide model.num_attention_heads="
+        f"{m.num_attention_heads}",
+    )
+    _require(
+        m.num_query_groups % p.tensor == 0,
+        f"model.num_query_groups={m.num_query_groups} (KV heads) is not divisible by "
+        f"parallel.tensor={p.tensor}: choose a tensor-parallel size that divides the KV heads",
+    )
+    _require(
+        m.kv_channels is not None or m.hidden_size % m.num_attention_heads == 0,
+        f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+        f"{m.num_attention_heads}: set model.kv_channels (the head dim) explicitly",
+    )
+    _require(
+        m.num_layers % p.pipeline == 0,
+        f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={p.pipeline}: "
+        "choose a pipeline size that divides the layers",
+    )
+    if m.is_moe:
+        _require(
+            m.moe_ffn_hidden_size is not None and m.moe_ffn_hidden_size >= 1,
+            "model.moe_ffn_hidden_size must be set when model.num_experts is set",
+        )
+        _require(
+            1 <= m.moe_router_topk <= m.num_experts,
+            f"model.moe_router_topk={m.moe_router_topk} must be in [1, model.num_experts="
+            f"{m.num_experts}]",
+        )
+        _require(
+            m.moe_router_score_function in ("sigmoid", "softmax"),
+            f"model.moe_router_score_function={m.moe_router_score_function!r}: use sigmoid or softmax",
+        )
+
+
+def validate_parallel(cfg: PretrainConfig, world_size: int) -> None:
+    p = cfg.parallel
+    _require(p.tensor >= 1, f"parallel.tensor must be >= 1, got {p.tensor}")
+    _require(p.pipeline >= 1, f"parallel.pipeline must be >= 1, got {p.pipeline}")
+    _require(
+        world_size % (p.tensor * p.pipeline) == 0,
+        f"world size {world_size} is not a multiple of parallel.tensor x parallel.pipeline = "
+        f"{p.tensor * p.pipeline}: launch a multiple of {p.tensor * p.pipeline} processes or "
+        "change parallel.tensor/parallel.pipeline",
+    )
+    _require(
+        p.zero_stage in (1, 2),
+        f"parallel.zero_stage={p.zero_stage} is not supported: use 1 (optimizer state partitioned) "
+        "or 2 (also gradients); stage 3 would partition the parameters megatron-core shards itself",
+    )
+    _require(
+        not (p.zero_stage == 2 and p.pipeline > 1),
+        "parallel.zero_stage=2 cannot be combined with parallel.pipeline > 1 (DeepSpeed's rule): "
+        "use parallel.zero_stage=1",
+    )
+    _require(
+        not (p.sequence_parallel and p.tensor == 1),
+        "parallel.sequence_parallel=true needs parallel.tensor > 1",
+    )
+    _require(
+        p.backend in ("auto", "nccl", "gloo"),
+        f"parallel.backend={p.backend!r}: use auto, nccl or gloo",
+    )
+    _require(
+        not (p.backend == "nccl" and not torch.cuda.is_available()),
+        "parallel.backend=nccl needs CUDA devices: use parallel.backend=gloo (or auto) on CPU",
+    )
+
+
+def validate_train(cfg: PretrainConfig, world_size: int) -> None:
+    t, o = cfg.train, cfg.optim
+    dp = cfg.parallel.data_parallel(world_size)
+    _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    _require(t.seq_length >= 2, f"train.seq_length must be >= 2, got {t.seq_length}")
+    _require(
+        t.global_batch_size % (t.micro_batch_size * dp) == 0,
+        f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size"
+        f" x data parallel = {t.micro_batch_size} x {dp}: make it a multiple of "
+        f"{t.micro_batch_size * dp}",
+    )
+    _require(
+        t.precision in ("auto", "bf16", "fp32"),
+        f"train.precision={t.precision!r}: use auto, bf16 or fp32",
+    )
+    _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _require(0 <= o.final_lr <= o.lr, f"optim.final_lr={o.final_lr} must be in [0, optim.lr]")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _require(o.decay_steps >= 0, f"optim.decay_steps must be >= 0, got {o.decay_steps}")
+    _require(
+        o.decay_style in ("linear", "cosine", "sqrt"),
+        f"optim.decay_style={o.decay_style!r}: use linear, cosine or sqrt",
+    )
+    _require(o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 disables), got {o.clip_grad}")
+    _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _require(
+        o.decay_fraction is None or (0.0 <= o.decay_fraction <= 1.0 and o.decay_steps == 0),
+        f"optim.decay_fraction={o.decay_fraction} must be in [0, 1] and not combined with "
+        "optim.decay_steps: set one of them",
+    )
+    scheduled = o.warmup_steps + (o.stable_steps or 0) + o.decay_length(t.steps)
+    _require(
+        scheduled <= t.steps,
+        f"optim.warmup_steps + optim.stable_steps + decay ({o.decay_length(t.steps)} steps) = "
+        f"{scheduled} exceeds train.steps={t.steps}: shorten the schedule or train longer",
+    )
+
+
+def validate_loss(cfg: PretrainConfig, vocab_size: int) -> None:
+    _require(
+        cfg.loss.topk <= vocab_size,
+        f"loss.topk={cfg.loss.topk} is larger than the vocabulary ({vocab_size}): lower loss.topk",
+    )
+    _require(
+        cfg.model.vocab_size is None or cfg.model.vocab_size >= vocab_size,
+        f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+        f"({vocab_size}): set model.vocab_size=null to use the tokenizer's",
+    )
+
+
+def validate_checkpoint(cfg: PretrainConfig) -> None:
+    c = cfg.checkpoint
+    _require(c.resume in ("auto", "never"), f"checkpoint.resume={c.resume!r}: use auto or never")
+    _require(c.interval >= 0, f"checkpoint.interval must be >= 0 (0: only at the end), got {c.interval}")
+    _require(
+        c.keep_last is None or c.keep_last >= 1,
+        f"checkpoint.keep_last must be >= 1 or null (keep all), got {c.keep_last}",
+    )
+    _require(
+        c.load is None or Path(c.load).is_dir(),
+        f"checkpoint.load={c.load}: no such checkpoint directory; point it at a step_* directory",
+    )
+
+
+def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None) -> None:
+    """All checks that need no process group. ``vocab_size``: the tokenizer's, when known."""
+    _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
+    validate_parallel(cfg, world_size)
+    validate_model(cfg)
+    validate_train(cfg, world_size)
+    validate_checkpoint(cfg)
+    try:
+        validate_data_config(cfg.data)
+        validate_logging_config(cfg.logging)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if vocab_size is not None:
+        validate_loss(cfg, vocab_size)

@@ -1,0 +1,164 @@
+"""Train/valid/test datasets from megatron-core's GPT datasets.
+
+``build_gpt_datasets`` turns a ``DataConfig`` into megatron ``GPTDataset``s (one blend entry)
+or ``BlendedDataset``s (several), whose samples are dicts of [s] tensors with
+``labels = tokens`` shifted by one. Megatron caches its shuffled document/sample/blend indices
+under ``<cache_dir>/megatron_index`` keyed by a hash of everything that defines them; with
+torch.distributed initialised, global rank 0 builds missing indices first and the others load
+them after a barrier, so ``cache_dir`` must be on a file system all ranks share.
+
+Read batches with ``build_batch_iterator`` (see divprec.data.batches for the order convention).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from torch.utils.data import Dataset
+
+from divprec.data.batches import build_batch_iterator
+from divprec.data.config import (
+    DataConfig,
+    parse_blend,
+    resolve_cache_dir,
+    split_shares,
+    validate_data_config,
+)
+from divprec.data.default_corpus import ensure_default_corpus
+from divprec.data.megatron_helpers import ensure_megatron_helpers
+from divprec.data.tokenizer import Tokenizer
+
+__all__ = ["GPTDatasets", "ResolvedData", "build_batch_iterator", "build_gpt_datasets"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedData:
+    """A config made concrete: absolute prefixes, their weights, the tokenizer file."""
+
+    prefixes: list[str]
+    weights: list[float] | None
+    tokenizer_model: str
+    cache_dir: Path
+    is_default_corpus: bool
+
+
+@dataclass
+class GPTDatasets:
+    train: Dataset
+    valid: Dataset | None
+    test: Dataset | None
+    tokenizer: Tokenizer
+    data: ResolvedData
+
+
+class _MegatronTokenizerInfo:
+    """What megatron's GPTDataset reads from a tokenizer: ids, and an identity for its cache key
+    (serialised through ``unique_identifiers``)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        assert tokenizer.model_path is not None
+        self.eod = tokenizer.eod_id
+        self.pad = tokenizer.pad_id
+        self.vocab_size = tokenizer.vocab_size
+        digest = hashlib.sha256(tokenizer.model_path.read_bytes()).hexdigest()
+        self.unique_identifiers = {
+            "class": "SentencePieceTokenizer",
+            "model_sha256": digest,
+            "vocab_size": self.vocab_size,
+        }
+
+
+def resolve_data(cfg: DataConfig | Any, *, show_progress: bool = True) -> ResolvedData:
+    """Validate ``cfg`` and resolve it; builds (or waits for) the default corpus if no blend."""
+    validate_data_config(cfg)
+    cache_dir = resolve_cache_dir(cfg.cache_dir)
+    if cfg.blend is None:
+        model, prefix = ensure_default_corpus(
+            cache_dir, int(cfg.default_vocab_size), show_progress=show_progress
+        )
+        return ResolvedData([prefix], None, model, cache_dir, True)
+    prefixes, weights = parse_blend(cfg.blend)
+    prefixes = [str(Path(p).expanduser().resolve()) for p in prefixes]
+    model = str(Path(cfg.tokenizer_model).expanduser().resolve())
+    return ResolvedData(prefixes, weights, model, cache_dir, False)
+
+
+@contextmanager
+def _process_group_for_megatron() -> Iterator[None]:
+    # Megatron's BlendedDataset asks torch.distributed for the rank on an index-cache miss even
+    # in a single process; give it a one-process group for the duration of the build.
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def build_gpt_datasets(
+    cfg: DataConfig | Any,
+    *,
+    sequence_length: int,
+    seed: int,
+    train_samples: int,
+    valid_samples: int | None = None,
+    test_samples: int | None = None,
+    show_progress: bool = True,
+) -> GPTDatasets:
+    """Build the splits of ``cfg`` with megatron-core; call on every rank.
+
+    ``*_samples`` is how many samples each split must provide (epochs are repeated, reshuffled,
+    as needed); None = one pass over the split, which only unweighted blends allow. A split with
+    weight 0 in ``cfg.split`` comes back as None.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    data = resolve_data(cfg, show_progress=show_progress)
+    _, valid_share, test_share = split_shares(cfg.split)
+    if data.weights is not None and (
+        (valid_share and valid_samples is None) or (test_share and test_samples is None)
+    ):
+        raise ValueError(
+            "data.blend: a weighted blend needs valid_samples/test_samples for its non-empty "
+            "valid/test splits (or give the blend without weights)"
+        )
+    tokenizer = Tokenizer.from_file(data.tokenizer_model)
+    ensure_megatron_helpers()
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=sequence_length,
+        blend=(data.prefixes, data.weights),
+        split=str(cfg.split),
+        path_to_cache=str(data.cache_dir / "megatron_index"),
+        tokenizer=_MegatronTokenizerInfo(tokenizer),
+        reset_position_ids=bool(cfg.reset_position_ids),
+        reset_attention_mask=False,
+        eod_mask_loss=bool(cfg.eod_mask_loss),
+        create_attention_mask=False,  # causal masking happens in the attention kernel
+        mid_level_dataset_surplus=float(cfg.mid_level_dataset_surplus),
+    )
+    sizes = [train_samples, valid_samples, test_samples]
+    with _process_group_for_megatron():
+        train, valid, test = BlendedMegatronDatasetBuilder(
+            GPTDataset, sizes, lambda: True, config
+        ).build()
+    if train is None or len(train) == 0:
+        raise ValueError(
+            f"data.split: {cfg.split!r} leaves no training samples of length {sequence_length}; "
+            "give the train split more weight or use more data"
+        )
+    return GPTDatasets(train, valid, test, tokenizer, data)

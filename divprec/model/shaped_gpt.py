@@ -1,0 +1,27 @@
+"""megatron-core's GPTModel with the shaped objective as its language-model loss."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+
+from divprec.loss import STAT_NAMES, ShapedLossConfig, vocab_parallel_shaped_loss
+
+# Channels of the packed per-token output: the differentiable loss, then the detached stats.
+OUTPUT_CHANNELS = ("loss", *STAT_NAMES)
+
+
+class ShapedGPTModel(GPTModel):
+    """GPTModel whose last stage returns ``[b, s, 6]``: the shaped loss and its stats per token.
+
+    The loss is computed on the vocab-parallel logits ``[s, b, V/tp]`` as the output layer produced
+    them: nothing vocabulary-sized is gathered or transposed.
+    """
+
+    loss_config: ShapedLossConfig = ShapedLossConfig()
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        target = labels.transpose(0, 1)  # [b, s] -> [s, b]
+        loss, stats = vocab_parallel_shaped_loss(logits, target, self.loss_config)  # [s, b]
+        packed = torch.stack([loss, *(stats[name] for name in STAT_NAMES)], dim=-1)  # [s, b, 6]
+        return packed.transpose(0, 1)  # [b, s, 6]

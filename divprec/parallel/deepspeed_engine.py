@@ -1,0 +1,167 @@
+"""DeepSpeed owns the optimizer: ZeRO partitions, data-parallel gradient reduction, clipping, step.
+
+megatron-core's schedule owns microbatching and pipeline communication. The two meet here:
+- DeepSpeed is told gradient_accumulation_steps = 1 (the schedule already scales each microbatch
+  loss by 1 / num_microbatches);
+- the schedule's ``no_sync_func`` wraps every microbatch but the last; inside it DeepSpeed's
+  accumulation boundary is off, so gradients accumulate locally and are reduced (ZeRO-1: all-reduce;
+  ZeRO-2: reduce-scatter) once, in the backward of the last microbatch;
+- the model is called through the engine, whose output hooks run DeepSpeed's backward prologue and
+  epilogue around megatron-core's plain ``torch.autograd.backward`` calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+
+from divprec.train.config import OptimConfig
+
+
+class MegatronMpu:
+    """The model-parallel-unit interface DeepSpeed expects, over megatron-core's parallel_state.
+
+    The "model parallel" group is tensor x pipeline: DeepSpeed sums the gradient norm over it.
+    The "model parallel rank" is the tensor rank: DeepSpeed counts a replicated (not
+    tensor-parallel) parameter's gradient only where it is 0, once per pipeline stage.
+    """
+
+    def get_model_parallel_group(self):
+        return parallel_state.get_model_parallel_group()
+
+    def get_model_parallel_rank(self) -> int:
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return (
+            parallel_state.get_tensor_model_parallel_world_size()
+            * parallel_state.get_pipeline_model_parallel_world_size()
+        )
+
+    def get_data_parallel_group(self):
+        return parallel_state.get_data_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return parallel_state.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return parallel_state.get_data_parallel_world_size()
+
+    def get_tensor_model_parallel_group(self):
+        return parallel_state.get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return parallel_state.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return parallel_state.get_tensor_model_parallel_src_rank()
+
+    def get_pipeline_model_parallel_group(self):
+        return parallel_state.get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return parallel_state.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def deepspeed_config(
+    optim: OptimConfig, zero_stage: int, micro_batch_size: int, bf16: bool
+) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,  # microbatches are megatron-core's schedule's
+        "gradient_clipping": optim.clip_grad,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW as the client optimizer
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,  # divprec's metrics callbacks report progress
+        "wall_clock_breakdown": False,
+    }
+
+
+def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    # Norm weights, biases and the router's expert bias are not decayed.
+    return param.ndim < 2 or name.endswith(".bias") or "norm" in name
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if _no_weight_decay(name, param) else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_engine(
+    model: torch.nn.Module,
+    optim: OptimConfig,
+    zero_stage: int,
+    micro_batch_size: int,
+    bf16: bool,
+):
+    """Wrap the model in a DeepSpeed engine whose ZeRO optimizer is AdamW.
+
+    Collectives: DeepSpeed broadcasts the parameters over the data-parallel group and builds its
+    ZeRO partitions.
+    """
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    fused = next(model.parameters()).is_cuda
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, optim.weight_decay),
+        lr=optim.lr,
+        betas=(optim.adam_beta1, optim.adam_beta2),
+        eps=optim.adam_eps,
+        fused=fused,
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        mpu=MegatronMpu(),
+        config=deepspeed_config(optim, zero_stage, micro_batch_size, bf16),
+    )
+    return engine
+
+
+@contextlib.contextmanager
+def accumulate_without_reduction(engine) -> Iterator[None]:
+    """The schedule's ``no_sync_func``: gradients of these microbatches are only accumulated."""
+    engine.set_gradient_accumulation_boundary(False)
+    try:
+        yield
+    finally:
+        engine.set_gradient_accumulation_boundary(True)
+
+
+def set_learning_rate(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+class ScheduleView:
+    """The engine as megatron-core's schedule sees it: callable, with ``.module`` the GPT model.
+
+    The schedule finds ``config`` and ``set_input_tensor`` by walking ``.module``; the engine itself
+    has a ``config`` (DeepSpeed's dict), which would shadow the TransformerConfig.
+    """
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.module = engine.module
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)

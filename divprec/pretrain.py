@@ -1,0 +1,56 @@
+"""The only entry point: Hydra compose -> typed config -> validate -> train.
+
+    divprec-pretrain model=tiny loss=precision loss.beta=-0.5 parallel.tensor=2 train.steps=50
+    torchrun --nproc_per_node 4 -m divprec.pretrain parallel.tensor=2 parallel.pipeline=2
+
+Configuration errors stop every rank with one line naming the key and the fix (exit code 2),
+before any process group, model or dataset exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from divprec.config.schema import register_schema, to_typed
+from divprec.config.validate import validate
+from divprec.parallel.distributed import launcher_world_size
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+EXIT_CONFIG_ERROR = 2
+
+register_schema()
+
+
+def _fail(message: str) -> None:
+    print(f"divprec: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_CONFIG_ERROR)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
+def main(dict_cfg: DictConfig) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
+    try:
+        cfg = to_typed(dict_cfg)
+        validate(cfg, launcher_world_size())
+    except ValueError as err:
+        _fail(str(err))
+    logging.getLogger().setLevel(logging.INFO)
+    from divprec.train.trainer import pretrain
+
+    pretrain(cfg)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()
