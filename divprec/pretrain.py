@@ -12,16 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from divprec.config.compose import CONF_DIR
 from divprec.config.schema import register_schema, to_typed
 from divprec.config.validate import validate
 from divprec.parallel.distributed import launcher_world_size
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EXIT_CONFIG_ERROR = 2
 
 register_schema()

@@ -106,7 +106,9 @@ def validate_train(cfg: PretrainConfig, world_size: int) -> None:
     t, o = cfg.train, cfg.optim
     dp = cfg.parallel.data_parallel(world_size)
     _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
-    _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    _require(
+        t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}"
+    )
     _require(t.seq_length >= 2, f"train.seq_length must be >= 2, got {t.seq_length}")
     _require(
         t.global_batch_size % (t.micro_batch_size * dp) == 0,
@@ -156,7 +158,9 @@ def validate_loss(cfg: PretrainConfig, vocab_size: int) -> None:
 def validate_checkpoint(cfg: PretrainConfig) -> None:
     c = cfg.checkpoint
     _require(c.resume in ("auto", "never"), f"checkpoint.resume={c.resume!r}: use auto or never")
-    _require(c.interval >= 0, f"checkpoint.interval must be >= 0 (0: only at the end), got {c.interval}")
+    _require(
+        c.interval >= 0, f"checkpoint.interval must be >= 0 (0: only at the end), got {c.interval}"
+    )
     _require(
         c.keep_last is None or c.keep_last >= 1,
         f"checkpoint.keep_last must be >= 1 or null (keep all), got {c.keep_last}",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -122,10 +123,12 @@ def build_gpt_datasets(
     as needed); None = one pass over the split, which only unweighted blends allow. A split with
     weight 0 in ``cfg.split`` comes back as None.
     """
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # optional GPU libraries we do not need
+        from megatron.core.datasets.blended_megatron_dataset_builder import (
+            BlendedMegatronDatasetBuilder,
+        )
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     data = resolve_data(cfg, show_progress=show_progress)
     _, valid_share, test_share = split_shares(cfg.split)

@@ -11,6 +11,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,14 +90,16 @@ def preprocess_files(
     Empty documents are skipped. Both files appear atomically (written under temporary names,
     then renamed), so a reader never sees a half-written dataset.
     """
-    # megatron-core is heavy to import; keep it out of the module so pool workers skip it.
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
 
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     tokenizer = Tokenizer.from_file(tokenizer_model)
     total_bytes = total_input_bytes(input_files)  # also checks that every input exists
+    # megatron-core is heavy to import: kept out of the module so pool workers skip it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # optional GPU libraries we do not need
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     prefix = Path(output_prefix).expanduser()
     prefix.parent.mkdir(parents=True, exist_ok=True)
     tmp = prefix.with_name(f".{prefix.name}.tmp-{os.getpid()}")

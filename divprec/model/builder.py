@@ -15,11 +15,12 @@ Backends:
   * norms are :class:`RMSNorm` (torch's RMSNorm that also supports sequence parallelism: megatron's
     ``WrappedTorchNorm`` asserts ``not sequence_parallel``).
 
-Weights are initialised by :func:`divprec.model.init.initialize_parameters`, layout-invariantly:
-megatron's own initialisation is switched off (``perform_initialization=False``).
+Weights are initialised by :func:`divprec.model.init.initialize_parameters`, layout-invariantly;
+megatron only allocates them (its init methods are no-ops).
 
-Parallel state (``parallel_state.initialize_model_parallel``) is the caller's job; on CPU call
-:func:`divprec.parallel.cpu.enable_cpu_execution` first.
+The caller initialises megatron's parallel state (``parallel_state.initialize_model_parallel``)
+and its RNG tracker (``model_parallel_cuda_manual_seed``; megatron forks it around weight
+allocation on GPU); on CPU it calls :func:`divprec.parallel.cpu.enable_cpu_execution` first.
 """
 
 from __future__ import annotations
@@ -104,7 +105,9 @@ class SDPAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
-        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
 
     def forward(
         self,
@@ -116,7 +119,7 @@ class SDPAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params: Any = None,
     ) -> torch.Tensor:
-        """query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` -> context ``[sq, b, np*hn]``."""
+        """query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` -> ``[sq, b, np * hn]``."""
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPAttention: packed sequences / attention bias need TE")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
@@ -156,6 +159,10 @@ class SDPAttention(MegatronModule):
 
 
 # --- configuration ---------------------------------------------------------------------------
+
+
+def _left_for_divprec_init(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor  # values come from divprec.model.init.initialize_parameters
 
 
 def te_available() -> bool:
@@ -242,10 +249,17 @@ def transformer_config(
         apply_rope_fusion=False,
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
-        # initialisation: divprec.model.init does it (layout-invariant); megatron only allocates.
+        # Initialisation: divprec.model.init does it (layout-invariant). megatron's draws are
+        # skipped with no-op init methods, not perform_initialization=False: that would also skip
+        # setting the tensor_model_parallel / partition_dim attributes of the sharded weights,
+        # which megatron needs (grad-norm de-duplication, checkpoints) and so does our init.
         init_method_std=cfg.init_method_std,
-        perform_initialization=False,
+        init_method=_left_for_divprec_init,
+        output_layer_init_method=_left_for_divprec_init,
+        embedding_init_method=_left_for_divprec_init,
+        perform_initialization=True,
         use_cpu_initialization=not on_gpu,  # allocate on CPU when there is no GPU
+        transformer_impl="transformer_engine" if use_transformer_engine else "local",
         **moe,
     )
 
@@ -323,13 +337,16 @@ def build_model(
     if (tensor_parallel, pipeline_parallel) != (tp_world, pp_world):
         raise ValueError(
             f"build_model(tensor_parallel={tensor_parallel}, pipeline_parallel="
-            f"{pipeline_parallel}) disagrees with megatron's parallel state ({tp_world}, {pp_world})"
+            f"{pipeline_parallel}) disagrees with megatron's parallel state "
+            f"({tp_world}, {pp_world})"
         )
     if vocab_size % tensor_parallel:
         raise ValueError(f"vocab_size {vocab_size} is not divisible by tensor_parallel")
     if cfg.is_moe and tensor_parallel > 1 and not sequence_parallel:
         # megatron's MoELayer raises in training otherwise; fail at build time instead.
-        raise ValueError("MoE with tensor_parallel > 1 needs sequence_parallel=True (megatron-core)")
+        raise ValueError(
+            "MoE with tensor_parallel > 1 needs sequence_parallel=True (megatron-core)"
+        )
     if use_transformer_engine is None:
         use_transformer_engine = te_available()
     if cfg.is_moe:

@@ -66,7 +66,9 @@ def canonical_names(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, str]:
     expert_offset = 0
     if cfg.is_moe:
         ep_world = parallel_state.get_expert_model_parallel_world_size()
-        expert_offset = parallel_state.get_expert_model_parallel_rank() * (cfg.num_experts // ep_world)
+        expert_offset = parallel_state.get_expert_model_parallel_rank() * (
+            cfg.num_experts // ep_world
+        )
 
     names = {}
     for name, _ in model.named_parameters():
@@ -78,7 +80,8 @@ def canonical_names(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, str]:
             full = f"{prefix}{layer_index[path]}{full[m.end() - 1 :]}"
         m = _TE_GROUPED_EXPERT.search(full)
         if m:  # TE GroupedLinear: experts.linear_fc1.weight3 -> experts.local_experts.3...
-            full = f"{full[: m.start()]}.mlp.experts.local_experts.{m.group(3)}.{m.group(1)}.{m.group(2)}"
+            linear, kind, idx = m.groups()
+            full = f"{full[: m.start()]}.mlp.experts.local_experts.{idx}.{linear}.{kind}"
         m = _LOCAL_EXPERT.search(full)
         if m:
             idx = int(m.group(1)) + expert_offset
@@ -97,6 +100,8 @@ def shard(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) -> t
     """Rank ``rank``'s shard of ``full``: chunks rank, rank + world, ... of ``world * stride``."""
     if world == 1:
         return full
+    if full.shape[dim] % (world * stride):
+        raise ValueError(f"dim {dim} of {tuple(full.shape)} does not split into {world}x{stride}")
     chunks = full.chunk(world * stride, dim=dim)
     return torch.cat(chunks[rank::world], dim=dim)
 
@@ -160,7 +165,7 @@ def initialize_parameters(model: torch.nn.Module, cfg: ModelConfig, seed: int) -
         is_tp = bool(getattr(param, "tensor_model_parallel", False))
         rank, world = _tp_rank_world(".mlp.experts." in key) if is_tp else (0, 1)
         dim = getattr(param, "partition_dim", 0) if is_tp else 0
-        # SwiGLU fc1: each rank holds [gate_r; up_r] (megatron passes stride 2; TE may not record it)
+        # SwiGLU fc1: rank r holds [gate_r; up_r] (megatron passes stride 2; TE may not record it)
         stride = 2 if _FC1.search(key) else getattr(param, "partition_stride", 1)
         full_shape = list(param.shape)
         full_shape[dim] *= world

@@ -20,7 +20,9 @@ class ShapedGPTModel(GPTModel):
 
     loss_config: ShapedLossConfig = ShapedLossConfig()
 
-    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def compute_language_model_loss(
+        self, labels: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor:
         target = labels.transpose(0, 1)  # [b, s] -> [s, b]
         loss, stats = vocab_parallel_shaped_loss(logits, target, self.loss_config)  # [s, b]
         packed = torch.stack([loss, *(stats[name] for name in STAT_NAMES)], dim=-1)  # [s, b, 6]

@@ -1,13 +1,14 @@
 """DeepSpeed owns the optimizer: ZeRO partitions, data-parallel gradient reduction, clipping, step.
 
-megatron-core's schedule owns microbatching and pipeline communication. The two meet here:
-- DeepSpeed is told gradient_accumulation_steps = 1 (the schedule already scales each microbatch
-  loss by 1 / num_microbatches);
-- the schedule's ``no_sync_func`` wraps every microbatch but the last; inside it DeepSpeed's
-  accumulation boundary is off, so gradients accumulate locally and are reduced (ZeRO-1: all-reduce;
-  ZeRO-2: reduce-scatter) once, in the backward of the last microbatch;
-- the model is called through the engine, whose output hooks run DeepSpeed's backward prologue and
-  epilogue around megatron-core's plain ``torch.autograd.backward`` calls.
+megatron-core's schedule owns microbatching and pipeline communication; DeepSpeed is told
+gradient_accumulation_steps = 1 (the schedule already scales each microbatch loss by
+1 / num_microbatches). How one step's accumulated gradients reach DeepSpeed (:class:`GradientSync`):
+- ZeRO-1: the schedule calls the bare model, gradients accumulate in ``param.grad``, and one
+  ``engine.allreduce_gradients()`` after the schedule reduces them over data parallel. This works
+  with pipeline parallelism, where DeepSpeed's output hooks do not fire on every stage.
+- ZeRO-2 (never with pipeline parallelism): gradients are reduce-scattered by DeepSpeed's
+  per-parameter hooks during backward; the schedule calls the engine and its ``no_sync_func``
+  turns DeepSpeed's accumulation boundary off for every microbatch but the last.
 """
 
 from __future__ import annotations
@@ -137,16 +138,6 @@ def build_engine(
     return engine
 
 
-@contextlib.contextmanager
-def accumulate_without_reduction(engine) -> Iterator[None]:
-    """The schedule's ``no_sync_func``: gradients of these microbatches are only accumulated."""
-    engine.set_gradient_accumulation_boundary(False)
-    try:
-        yield
-    finally:
-        engine.set_gradient_accumulation_boundary(True)
-
-
 def set_learning_rate(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
@@ -165,3 +156,32 @@ class ScheduleView:
 
     def __call__(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
+
+
+class GradientSync:
+    """Connects the schedule's backward passes to DeepSpeed's reduction (see the module doc)."""
+
+    def __init__(self, engine, zero_stage: int) -> None:
+        self.engine = engine
+        self.reduce_in_backward = zero_stage >= 2
+
+    def schedule_model(self):
+        """What the schedule calls for each microbatch."""
+        return ScheduleView(self.engine) if self.reduce_in_backward else self.engine.module
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """The schedule's ``no_sync_func``: these microbatches' gradients are only accumulated."""
+        if not self.reduce_in_backward:
+            yield
+            return
+        self.engine.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            self.engine.set_gradient_accumulation_boundary(True)
+
+    def after_backward(self) -> None:
+        """After the schedule: reduce over data parallel (ZeRO-1: one all-reduce of the grads)."""
+        if not self.reduce_in_backward:
+            self.engine.allreduce_gradients()

@@ -60,7 +60,9 @@ def _ensure_rendezvous_env() -> None:
         return
     from divprec.parallel.spawn import free_port
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1"
+    )
     os.environ.setdefault("LOCAL_RANK", "0")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,13 +28,9 @@ from divprec.metrics.throughput import Throughput, device_peak_tflops
 from divprec.model.builder import build_stage
 from divprec.model.flops import flops_per_token
 from divprec.model.shaped_gpt import ShapedGPTModel
-from divprec.parallel.deepspeed_engine import (
-    ScheduleView,
-    accumulate_without_reduction,
-    build_engine,
-    set_learning_rate,
-)
+from divprec.parallel.deepspeed_engine import GradientSync, build_engine, set_learning_rate
 from divprec.parallel.distributed import ParallelContext, init_distributed
+from divprec.parallel.tp_grads import install_tensor_parallel_grad_hooks
 from divprec.train.moe import update_router_expert_bias
 from divprec.train.schedule import learning_rate
 from divprec.train.step import empty_stat_sums, make_forward_step
@@ -107,6 +102,7 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Callback] | None = None) -> Tr
         model_class=ShapedGPTModel,
     )
     model.loss_config = cfg.loss
+    install_tensor_parallel_grad_hooks(model, ctx.tensor_group, model.config.sequence_parallel)
     engine = build_engine(
         model,
         cfg.optim,
@@ -114,7 +110,8 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Callback] | None = None) -> Tr
         micro_batch_size=train.micro_batch_size,
         bf16=dtype == torch.bfloat16,
     )
-    model.config.no_sync_func = partial(accumulate_without_reduction, engine)
+    grad_sync = GradientSync(engine, par.zero_stage)
+    model.config.no_sync_func = grad_sync.no_sync
     model.config.finalize_model_grads_func = None
     model.config.grad_scale_func = None
     _save_resolved_config(cfg, ctx)
@@ -132,7 +129,6 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Callback] | None = None) -> Tr
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     forward_backward = get_forward_backward_func()
-    schedule_view = ScheduleView(engine)
     callbacks = callbacks if callbacks is not None else build_callbacks(cfg.logging)
     state = TrainState(
         step=start_step,
@@ -159,12 +155,13 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Callback] | None = None) -> Tr
         forward_backward(
             forward_step_func=make_forward_step(stat_sums, ctx.device),
             data_iterator=batches,
-            model=[schedule_view],
+            model=[grad_sync.schedule_model()],
             num_microbatches=num_microbatches,
             seq_length=train.seq_length,
             micro_batch_size=train.micro_batch_size,
             forward_only=False,
         )
+        grad_sync.after_backward()
         if model_cfg.is_moe and model_cfg.moe_router_expert_bias:
             update_router_expert_bias(engine.module, model_cfg.moe_router_bias_update_rate)
         engine.step()

@@ -154,7 +154,8 @@ def _reference_checks() -> dict:
         "numel": _numel(moe),
         "expert_bias": [r.expert_bias.clone() for r in routers],
         "expert_bias_is_buffer": all(
-            "expert_bias" in dict(r.named_buffers()) and "expert_bias" not in dict(r.named_parameters())
+            "expert_bias" in dict(r.named_buffers())
+            and "expert_bias" not in dict(r.named_parameters())
             for r in routers
         ),
         "tokens_per_expert": [r.local_tokens_per_expert.clone() for r in routers],
@@ -253,7 +254,9 @@ def test_pipeline_stages_concatenate_to_the_single_stage_model(results: list[dic
         stages = {**first["weights"], **last["weights"]}
         assert not first["weights"].keys() & (last["weights"].keys() - {"output_layer.weight"})
         assert {n for n in first["weights"] if n.startswith("decoder.layers.")} == {
-            n for n in want if n.startswith("decoder.layers.0.") or n.startswith("decoder.layers.1.")
+            n
+            for n in want
+            if n.startswith("decoder.layers.0.") or n.startswith("decoder.layers.1.")
         }
         if key == "tied":  # the last stage's copy of the tied embedding starts equal to it
             assert torch.equal(
@@ -305,7 +308,9 @@ def test_initial_values(results: list[dict]) -> None:
         else:
             assert abs(p.std().item() - std) < 0.1 * std, name
     # Distinct parameters get distinct draws.
-    assert not torch.equal(w["decoder.layers.0.mlp.linear_fc1.weight"], w["decoder.layers.1.mlp.linear_fc1.weight"])
+    assert not torch.equal(
+        w["decoder.layers.0.mlp.linear_fc1.weight"], w["decoder.layers.1.mlp.linear_fc1.weight"]
+    )
 
 
 def test_parameter_counts(results: list[dict]) -> None:

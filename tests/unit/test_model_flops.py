@@ -37,7 +37,9 @@ def test_moe_flops_count_active_experts_and_router() -> None:
     assert flops_per_token(cfg, SEQ, VOCAB) == 3 * forward
     # Inactive experts cost nothing: more experts only grow the router.
     more = ModelConfig(**SMALL, num_experts=8, moe_ffn_hidden_size=32, moe_router_topk=2)
-    assert flops_per_token(more, SEQ, VOCAB) - flops_per_token(cfg, SEQ, VOCAB) == 3 * 2 * 2 * 64 * 4
+    assert (
+        flops_per_token(more, SEQ, VOCAB) - flops_per_token(cfg, SEQ, VOCAB) == 3 * 2 * 2 * 64 * 4
+    )
 
 
 def test_flops_are_six_per_matmul_parameter_plus_attention() -> None:
