@@ -70,8 +70,6 @@ def validate_model(cfg: PretrainConfig) -> None:
 
 def validate_parallel(cfg: PretrainConfig, world_size: int) -> None:
     p = cfg.parallel
-    _require(p.tensor >= 1, f"parallel.tensor must be >= 1, got {p.tensor}")
-    _require(p.pipeline >= 1, f"parallel.pipeline must be >= 1, got {p.pipeline}")
     _require(
         world_size % (p.tensor * p.pipeline) == 0,
         f"world size {world_size} is not a multiple of parallel.tensor x parallel.pipeline = "
@@ -111,6 +109,10 @@ def validate_train(cfg: PretrainConfig, world_size: int) -> None:
     )
     _require(t.seq_length >= 2, f"train.seq_length must be >= 2, got {t.seq_length}")
     _require(
+        t.global_batch_size >= 1,
+        f"train.global_batch_size must be >= 1, got {t.global_batch_size}",
+    )
+    _require(
         t.global_batch_size % (t.micro_batch_size * dp) == 0,
         f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size"
         f" x data parallel = {t.micro_batch_size} x {dp}: make it a multiple of "
@@ -124,6 +126,10 @@ def validate_train(cfg: PretrainConfig, world_size: int) -> None:
     _require(0 <= o.final_lr <= o.lr, f"optim.final_lr={o.final_lr} must be in [0, optim.lr]")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _require(o.decay_steps >= 0, f"optim.decay_steps must be >= 0, got {o.decay_steps}")
+    _require(
+        o.stable_steps is None or o.stable_steps >= 0,
+        f"optim.stable_steps must be >= 0 or null (the rest of train.steps), got {o.stable_steps}",
+    )
     _require(
         o.decay_style in ("linear", "cosine", "sqrt"),
         f"optim.decay_style={o.decay_style!r}: use linear, cosine or sqrt",
@@ -174,8 +180,13 @@ def validate_checkpoint(cfg: PretrainConfig) -> None:
 def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None) -> None:
     """All checks that need no process group. ``vocab_size``: the tokenizer's, when known."""
     _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
-    validate_parallel(cfg, world_size)
+    p = cfg.parallel
+    _require(p.tensor >= 1, f"parallel.tensor must be >= 1, got {p.tensor}")
+    _require(p.pipeline >= 1, f"parallel.pipeline must be >= 1, got {p.pipeline}")
+    # Model vs layout before the world size: a layout the model cannot be split into is the root
+    # cause, and the world-size message would suggest launching that many processes.
     validate_model(cfg)
+    validate_parallel(cfg, world_size)
     validate_train(cfg, world_size)
     validate_checkpoint(cfg)
     try:

@@ -1,0 +1,13 @@
+"""Training data: tokenizer, preprocessing to megatron indexed datasets, the embedded default
+corpus, megatron-core GPT datasets and the resumable batch order.
+
+Modules (import what you need; megatron-core is only imported where it is used):
+    config          DataConfig (the Hydra ``data`` group) and validate_data_config
+    tokenizer       Tokenizer (SentencePiece) and train_tokenizer
+    documents       reading .jsonl/.txt inputs in a fixed order
+    preprocess      preprocess_files: text -> <prefix>.bin/.idx
+    default_corpus  ensure_default_corpus: the stdlib sources, built once and cached
+    megatron_helpers  megatron's C++ index helpers, or an exact NumPy port
+    dataset         build_gpt_datasets: train/valid/test from a DataConfig
+    batches         build_batch_iterator: deterministic, resumable, DP-size-independent order
+"""

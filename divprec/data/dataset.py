@@ -29,7 +29,6 @@ from divprec.data.config import (
     DataConfig,
     parse_blend,
     resolve_cache_dir,
-    split_shares,
     validate_data_config,
 )
 from divprec.data.default_corpus import ensure_default_corpus
@@ -93,6 +92,14 @@ def resolve_data(cfg: DataConfig | Any, *, show_progress: bool = True) -> Resolv
     return ResolvedData(prefixes, weights, model, cache_dir, False)
 
 
+def _num_tokens(prefix: str) -> int:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    # Keep the dataset referenced while summing: dropping it unmaps the array under us.
+    dataset = IndexedDataset(prefix)
+    return int(dataset.sequence_lengths.sum())
+
+
 @contextmanager
 def _process_group_for_megatron() -> Iterator[None]:
     # Megatron's BlendedDataset asks torch.distributed for the rank on an index-cache miss even
@@ -120,31 +127,31 @@ def build_gpt_datasets(
     """Build the splits of ``cfg`` with megatron-core; call on every rank.
 
     ``*_samples`` is how many samples each split must provide (epochs are repeated, reshuffled,
-    as needed); None = one pass over the split, which only unweighted blends allow. A split with
-    weight 0 in ``cfg.split`` comes back as None.
+    as needed). None = one pass over the split for a single dataset; a blend of several has no
+    natural pass, so there None skips the split. Skipped splits, and splits with share 0 in
+    ``cfg.split``, come back as None. Blends without weights are weighted by token counts.
     """
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # optional GPU libraries we do not need
+        warnings.simplefilter("ignore")  # notes on optional GPU libraries and deprecations
         from megatron.core.datasets.blended_megatron_dataset_builder import (
             BlendedMegatronDatasetBuilder,
         )
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     data = resolve_data(cfg, show_progress=show_progress)
-    _, valid_share, test_share = split_shares(cfg.split)
-    if data.weights is not None and (
-        (valid_share and valid_samples is None) or (test_share and test_samples is None)
-    ):
-        raise ValueError(
-            "data.blend: a weighted blend needs valid_samples/test_samples for its non-empty "
-            "valid/test splits (or give the blend without weights)"
-        )
     tokenizer = Tokenizer.from_file(data.tokenizer_model)
     ensure_megatron_helpers()
+    weights = data.weights
+    if len(data.prefixes) == 1:
+        weights = None  # a lone dataset needs no blending, whatever its weight
+    elif weights is None:
+        # Megatron caps an unweighted blend at one epoch; token-count weights keep the same mix
+        # and let it repeat over epochs like a single dataset does.
+        weights = [float(_num_tokens(p)) for p in data.prefixes]
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=sequence_length,
-        blend=(data.prefixes, data.weights),
+        blend=(data.prefixes, weights),
         split=str(cfg.split),
         path_to_cache=str(data.cache_dir / "megatron_index"),
         tokenizer=_MegatronTokenizerInfo(tokenizer),
@@ -155,10 +162,14 @@ def build_gpt_datasets(
         mid_level_dataset_surplus=float(cfg.mid_level_dataset_surplus),
     )
     sizes = [train_samples, valid_samples, test_samples]
+    skipped = [False] * 3
+    if weights is not None:
+        # Megatron needs sizes for weighted blends; 0 builds an empty split we then drop.
+        skipped = [n is None for n in sizes]
+        sizes = [0 if n is None else n for n in sizes]
     with _process_group_for_megatron():
-        train, valid, test = BlendedMegatronDatasetBuilder(
-            GPTDataset, sizes, lambda: True, config
-        ).build()
+        splits = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    train, valid, test = (None if skip else ds for ds, skip in zip(splits, skipped, strict=True))
     if train is None or len(train) == 0:
         raise ValueError(
             f"data.split: {cfg.split!r} leaves no training samples of length {sequence_length}; "

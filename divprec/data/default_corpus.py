@@ -116,14 +116,15 @@ def ensure_default_corpus(
     if (final / "meta.json").is_file():
         return result
 
-    with exclusive_lock(root / f"{key}.lock", what=f"building the default corpus {final}"):
+    with exclusive_lock(
+        root / f"{key}.lock", what=f"building the default corpus {final}"
+    ) as locked:
         if (final / "meta.json").is_file():  # another process built it while we waited
             return result
-        # Anything left here is from a builder that died; we hold the lock, so nobody uses it.
-        for stale in root.glob(f".{key}.tmp*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        if final.exists():
-            shutil.rmtree(final)
+        if locked:
+            # Leftovers of a builder that died; we hold the lock, so nobody else uses them.
+            for stale in [*root.glob(f".{key}.tmp*"), final]:
+                shutil.rmtree(stale, ignore_errors=True)
 
         files = stdlib_source_files(source)[:max_files]
         if not files:
@@ -135,7 +136,13 @@ def ensure_default_corpus(
         try:
             meta = _build(tmp, files, vocab_size, workers, show_progress)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                # Without a lock another builder may have won the race: use its result.
+                if not (final / "meta.json").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -49,7 +49,8 @@ def _iter_jsonl(path: Path, text_key: str) -> Iterator[Document]:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(record, dict) or text_key not in record:
                 raise ValueError(
-                    f"{path}:{lineno}: no {text_key!r} field; choose the text field (text_key, --json-key)"
+                    f"{path}:{lineno}: no {text_key!r} field; "
+                    "choose the text field (text_key, --json-key)"
                 )
             text = record[text_key]
             if not isinstance(text, str):

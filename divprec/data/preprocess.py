@@ -98,7 +98,7 @@ def preprocess_files(
     total_bytes = total_input_bytes(input_files)  # also checks that every input exists
     # megatron-core is heavy to import: kept out of the module so pool workers skip it.
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # optional GPU libraries we do not need
+        warnings.simplefilter("ignore")  # notes on optional GPU libraries and deprecations
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     prefix = Path(output_prefix).expanduser()
     prefix.parent.mkdir(parents=True, exist_ok=True)

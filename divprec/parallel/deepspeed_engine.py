@@ -135,7 +135,33 @@ def build_engine(
         mpu=MegatronMpu(),
         config=deepspeed_config(optim, zero_stage, micro_batch_size, bf16),
     )
+    _link_optimizer_state(engine.optimizer)
     return engine
+
+
+def _link_optimizer_state(zero_optimizer) -> None:
+    """Create AdamW's state now and let DeepSpeed map it to the parameters.
+
+    torch's AdamW creates its state at the first step, and DeepSpeed maps the state of every
+    parameter group (for deepspeed.utils.safe_get/set_full_optimizer_state) right after the
+    first group's first step, before the other groups have state: their moments would never be
+    reachable. The state created here is what AdamW would create (zeros, step 0), so training is
+    unchanged, and checkpoints can be saved or loaded at any step, even before the first.
+    """
+    inner = zero_optimizer.optimizer  # the client AdamW over ZeRO's flat fp32 partitions
+    for group in inner.param_groups:
+        on_device = group.get("fused") or group.get("capturable")
+        for param in group["params"]:
+            state = inner.state[param]
+            if not state:
+                state["step"] = (
+                    torch.zeros((), dtype=torch.float32, device=param.device)
+                    if on_device
+                    else torch.tensor(0.0)
+                )
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    zero_optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def set_learning_rate(engine, lr: float) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from divprec.checkpoint.checkpointer import Progress
+from divprec.checkpoint.manager import CheckpointManager
 from divprec.config.schema import PretrainConfig, to_dict
 from divprec.config.validate import validate_loss
 from divprec.data.batches import build_batch_iterator
@@ -32,6 +35,7 @@ from divprec.parallel.deepspeed_engine import GradientSync, build_engine, set_le
 from divprec.parallel.distributed import ParallelContext, init_distributed
 from divprec.parallel.tp_grads import install_tensor_parallel_grad_hooks
 from divprec.train.moe import update_router_expert_bias
+from divprec.train.preemption import MARKER, Preempted, PreemptionWatcher
 from divprec.train.schedule import learning_rate
 from divprec.train.step import empty_stat_sums, make_forward_step
 
@@ -71,13 +75,26 @@ def _save_resolved_config(cfg: PretrainConfig, ctx: ParallelContext) -> None:
         os.replace(tmp, Path(cfg.run.dir) / "config.yaml")
 
 
-def pretrain(cfg: PretrainConfig, callbacks: list[Callback] | None = None) -> TrainResult:
-    """Train ``cfg`` (already validated) in this process's place of the launched world."""
+@dataclass
+class _Run:
+    """Everything a run builds before its first step."""
+
+    ctx: ParallelContext
+    engine: object
+    model: torch.nn.Module
+    grad_sync: GradientSync
+    checkpoints: CheckpointManager
+    datasets: object
+    num_microbatches: int
+    flops_per_token: float
+    dtype: torch.dtype
+
+
+def _build(cfg: PretrainConfig) -> _Run:
     ctx = init_distributed(cfg.parallel, cfg.train.seed)
     _agree_on_run_dir(cfg)
     train, model_cfg, par = cfg.train, cfg.model, cfg.parallel
     dtype = resolve_precision(train.precision)
-    num_microbatches = train.global_batch_size // (train.micro_batch_size * ctx.data_size)
 
     # Data: the default corpus is built once (file-locked) and cached; every rank reads it.
     datasets = build_gpt_datasets(
@@ -115,11 +132,51 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Callback] | None = None) -> Tr
     model.config.finalize_model_grads_func = None
     model.config.grad_scale_func = None
     _save_resolved_config(cfg, ctx)
+    layout = {
+        "tensor": ctx.tensor_size,
+        "pipeline": ctx.pipeline_size,
+        "data": ctx.data_size,
+        "zero_stage": par.zero_stage,
+    }
+    checkpoints = CheckpointManager(
+        cfg.checkpoint,
+        cfg.run.dir,
+        model,
+        engine,
+        layout,
+        {
+            "config.yaml": Path(cfg.run.dir) / "config.yaml",
+            "tokenizer.model": Path(datasets.data.tokenizer_model),
+        },
+    )
+    return _Run(
+        ctx=ctx,
+        engine=engine,
+        model=model,
+        grad_sync=grad_sync,
+        checkpoints=checkpoints,
+        datasets=datasets,
+        num_microbatches=train.global_batch_size // (train.micro_batch_size * ctx.data_size),
+        flops_per_token=flops_per_token(model_cfg, train.seq_length, vocab_size),
+        dtype=dtype,
+    )
 
-    start_step, consumed = 0, 0
+
+def pretrain(cfg: PretrainConfig, extra_callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Train ``cfg`` (already validated) in this process's place of the launched world.
+
+    ``extra_callbacks`` run after the ones ``cfg.logging`` configures. Resumes per
+    ``checkpoint.*``; saves every ``checkpoint.interval`` steps and at the end. On
+    SIGTERM/SIGUSR1 saves after the current step and raises :class:`Preempted` (exit code 75).
+    """
+    run = _build(cfg)
+    ctx, engine, train = run.ctx, run.engine, cfg.train
+    progress = run.checkpoints.resume() or Progress(step=0, consumed_samples=0)
+    if ctx.is_logging_rank:
+        (Path(cfg.run.dir) / MARKER).unlink(missing_ok=True)  # a marker of an earlier attempt
     batches = build_batch_iterator(
-        datasets.train,
-        consumed,
+        run.datasets.train,
+        progress.consumed_samples,
         train.micro_batch_size,
         ctx.data_rank,
         ctx.data_size,
@@ -129,65 +186,76 @@ def pretrain(cfg: PretrainConfig, callbacks: list[Callback] | None = None) -> Tr
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     forward_backward = get_forward_backward_func()
-    callbacks = callbacks if callbacks is not None else build_callbacks(cfg.logging)
+    callbacks = [*build_callbacks(cfg.logging), *extra_callbacks]
     state = TrainState(
-        step=start_step,
+        step=progress.step,
         total_steps=train.steps,
-        consumed_samples=consumed,
+        consumed_samples=progress.consumed_samples,
         run_dir=cfg.run.dir,
         is_logging_rank=ctx.is_logging_rank,
         config=to_dict(cfg),
     )
-    peak = cfg.logging.peak_tflops or device_peak_tflops(ctx.device, dtype)
-    throughput = Throughput(
-        flops_per_token(model_cfg, train.seq_length, vocab_size), ctx.world_size, peak
-    )
+    peak = cfg.logging.peak_tflops or device_peak_tflops(ctx.device, run.dtype)
+    throughput = Throughput(run.flops_per_token, ctx.world_size, peak)
+    watcher = PreemptionWatcher(ctx.device)
+    watcher.install()
     history: list[dict[str, float]] = []
-    for callback in callbacks:
-        callback.on_train_start(state)
-    throughput.start()
-    tokens_per_step = train.global_batch_size * train.seq_length
-    for step in range(start_step, train.steps):
-        lr = learning_rate(step, cfg.optim, train.steps)
-        set_learning_rate(engine, lr)
-        stat_sums = TokenStatSums()
-        engine.module.train()
-        forward_backward(
-            forward_step_func=make_forward_step(stat_sums, ctx.device),
-            data_iterator=batches,
-            model=[grad_sync.schedule_model()],
-            num_microbatches=num_microbatches,
-            seq_length=train.seq_length,
-            micro_batch_size=train.micro_batch_size,
-            forward_only=False,
-        )
-        grad_sync.after_backward()
-        if model_cfg.is_moe and model_cfg.moe_router_expert_bias:
-            update_router_expert_bias(engine.module, model_cfg.moe_router_bias_update_rate)
-        engine.step()
-        consumed += train.global_batch_size
-        state.step, state.consumed_samples = step + 1, consumed
-        throughput.step(tokens_per_step)
-
-        metrics = None
-        if (step + 1) % cfg.logging.interval == 0 or step + 1 == train.steps:
-            metrics = _step_metrics(stat_sums, ctx, engine, lr, consumed, step + 1)
-            metrics.update(throughput.compute())
-            history.append(metrics)
+    try:
         for callback in callbacks:
-            callback.on_step_end(state, metrics)
-    for callback in callbacks:
-        callback.on_train_end(state)
-    return TrainResult(state.step, consumed, cfg.run.dir, history)
+            callback.on_train_start(state)
+        throughput.start()
+        tokens_per_step = train.global_batch_size * train.seq_length
+        for step in range(progress.step, train.steps):
+            lr = learning_rate(step, cfg.optim, train.steps)
+            set_learning_rate(engine, lr)
+            stat_sums = TokenStatSums()
+            engine.module.train()
+            forward_backward(
+                forward_step_func=make_forward_step(stat_sums, ctx.device),
+                data_iterator=batches,
+                model=[run.grad_sync.schedule_model()],
+                num_microbatches=run.num_microbatches,
+                seq_length=train.seq_length,
+                micro_batch_size=train.micro_batch_size,
+                forward_only=False,
+            )
+            run.grad_sync.after_backward()
+            moe_metrics = {}
+            if cfg.model.is_moe and cfg.model.moe_router_expert_bias:
+                moe_metrics = update_router_expert_bias(
+                    engine.module, cfg.model.moe_router_bias_update_rate
+                )
+            engine.step()
+            progress = Progress(step + 1, progress.consumed_samples + train.global_batch_size)
+            state.step, state.consumed_samples = progress.step, progress.consumed_samples
+            throughput.step(tokens_per_step)
+
+            metrics = None
+            if cfg.logging.should_log(progress.step, train.steps):
+                metrics = _step_metrics(stat_sums, ctx, engine, lr, progress)
+                metrics.update(moe_metrics)  # this stage's layers (rank 0: the first stage)
+                metrics.update(throughput.compute())
+                history.append(metrics)
+            for callback in callbacks:
+                callback.on_step_end(state, metrics)
+            run.checkpoints.maybe_save(progress, train.steps)
+            if progress.step < train.steps and watcher.should_stop():
+                path = run.checkpoints.save(progress)
+                if ctx.is_logging_rank:
+                    watcher.write_marker(cfg.run.dir, progress.step, path)
+                logger.warning(
+                    "stopped by %s after step %d; saved %s", watcher.received, progress.step, path
+                )
+                raise Preempted()
+    finally:
+        watcher.uninstall()
+        for callback in callbacks:
+            callback.on_train_end(state)
+    return TrainResult(state.step, state.consumed_samples, cfg.run.dir, history)
 
 
 def _step_metrics(
-    stat_sums: TokenStatSums,
-    ctx: ParallelContext,
-    engine,
-    lr: float,
-    consumed: int,
-    step: int,
+    stat_sums: TokenStatSums, ctx: ParallelContext, engine, lr: float, progress: Progress
 ) -> dict[str, float]:
     """Token means of the loss stats over the whole world, the same on every rank.
 
@@ -202,9 +270,9 @@ def _step_metrics(
     if isinstance(grad_norm, torch.Tensor):
         grad_norm = grad_norm.item()
     return {
-        "step": step,
+        "step": progress.step,
         **means,
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "lr": lr,
-        "consumed_samples": consumed,
+        "consumed_samples": progress.consumed_samples,
     }

@@ -1,0 +1,179 @@
+"""Save and load the full training state as a megatron-core distributed checkpoint (torch_dist).
+
+Saved: model weights; the optimizer's fp32 master weights and Adam moments (from DeepSpeed's ZeRO
+partitions, sharded like the weights); step and consumed samples (the LR schedule is a function of
+the step); per-rank RNG states; the resolved config; the tokenizer. Every collective below runs on
+all ranks in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+
+from divprec.checkpoint.layout import (
+    apply_retention,
+    check_complete,
+    commit,
+    read_metadata,
+    temp_dir,
+)
+from divprec.checkpoint.sharded_state import (
+    MODEL_PREFIX,
+    load_optimizer_state,
+    model_sharded_state_dict,
+    optimizer_sharded_state_dict,
+    set_adam_step,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used for this run; the message names the file or key."""
+
+
+@dataclass
+class Progress:
+    step: int
+    consumed_samples: int
+
+
+def _rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng/rank_{rank:05d}.pt"
+
+
+def save_checkpoint(
+    root: Path,
+    progress: Progress,
+    model: torch.nn.Module,
+    layout: dict,
+    extra_files: dict[str, Path],
+    keep_last: int | None,
+) -> Path:
+    """Write ``root/step_<step>`` atomically; returns its path (on every rank).
+
+    ``layout``: the parallel layout (recorded; resharding on load needs no match).
+    ``extra_files``: name in the checkpoint -> source file (config, tokenizer), copied by rank 0.
+    Collectives: barriers; DeepSpeed's gathers of the optimizer state over data parallel;
+    megatron-core's distributed save.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tmp = temp_dir(root, progress.step)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save of this step
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd = model_sharded_state_dict(model)
+    optimizer_sd = optimizer_sharded_state_dict(model, model_sd, gather=True)
+    dist_checkpointing.save({"model": model_sd, "optimizer": optimizer_sd}, str(tmp))
+    if rank == 0:  # after megatron-core's save, which wants an empty directory
+        (tmp / "rng").mkdir()
+    dist.barrier()
+    torch.save(_rng_state(), tmp / _rng_file(rank))
+    dist.barrier()
+    final = root / f"step_{progress.step:07d}"
+    if rank == 0:
+        for name, source in extra_files.items():
+            shutil.copyfile(source, tmp / name)
+        metadata = {
+            "step": progress.step,
+            "consumed_samples": progress.consumed_samples,
+            "layout": layout,
+            "world_size": world,
+            "files": [*extra_files, *(_rng_file(r) for r in range(world))],
+        }
+        final = commit(root, progress.step, metadata)
+        for removed in apply_retention(root, keep_last):
+            logger.info("checkpoint retention removed %s", removed)
+    dist.barrier()
+    return final
+
+
+def _check_shapes(path: Path, model_sd: dict) -> None:
+    """Fail with the first mismatched key before loading anything."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    for sharded in nested_values(model_sd):
+        if not isinstance(sharded, ShardedTensor):
+            continue
+        if sharded.key not in saved:
+            raise CheckpointError(
+                f"checkpoint {path} has no tensor {sharded.key}: it was written for a different "
+                "model (check model.* against its config.yaml, or start fresh with "
+                "checkpoint.resume=never)"
+            )
+        saved_shape = tuple(saved[sharded.key].global_shape)
+        if saved_shape != tuple(sharded.global_shape):
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model: {sharded.key} has shape {saved_shape} "
+                f"in the checkpoint and {tuple(sharded.global_shape)} in the model (check model.* "
+                "and the tokenizer against its config.yaml, or start fresh with "
+                "checkpoint.resume=never)"
+            )
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, engine, layout: dict) -> Progress:
+    """Load ``path`` into the model and DeepSpeed's optimizer, resharding to this layout.
+
+    RNG states are restored only when the layout is the one saved (they are per rank).
+    Collectives: megatron-core's distributed load; DeepSpeed's scatters of the optimizer state.
+    """
+    status = check_complete(path)
+    if not status.complete:
+        raise CheckpointError(f"checkpoint {path} is not usable: {status.reason}")
+    metadata = read_metadata(path)
+    model_sd = model_sharded_state_dict(model)
+    _check_shapes(path, model_sd)
+    optimizer_sd = optimizer_sharded_state_dict(model, model_sd, gather=False)
+    loaded = dist_checkpointing.load({"model": model_sd, "optimizer": optimizer_sd}, str(path))
+    prefix = f"{MODEL_PREFIX}."
+    weights = {k[len(prefix) :]: v for k, v in loaded["model"].items()}
+    model.load_state_dict(weights, strict=False)
+    load_optimizer_state(model, model_sharded_state_dict(model), loaded["optimizer"])
+    set_adam_step(engine.optimizer, metadata["step"])
+    same_layout = (
+        metadata.get("layout") == layout and metadata.get("world_size") == dist.get_world_size()
+    )
+    if same_layout:
+        _set_rng_state(torch.load(path / _rng_file(dist.get_rank()), weights_only=False))
+    else:
+        logger.info(
+            "resharding checkpoint %s from %s to %s; RNG states are not restored",
+            path,
+            metadata.get("layout"),
+            layout,
+        )
+    return Progress(metadata["step"], metadata["consumed_samples"])

@@ -1,0 +1,196 @@
+"""launch/pretrain.slurm on a real two-node SLURM cluster (emulated on this machine).
+
+(a) A 2-node job, one process per node, tensor parallel 2 across the nodes, trains exactly like a
+    single local process.
+(b) Preemption: ``scancel --signal=USR1`` mid-training -> every rank saves and exits 75, rank 0
+    writes preempted.json, the batch script requeues the job, the next attempt (same job id and
+    run.dir) resumes from the checkpoint and ends with the losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from slurm_cluster import REPO, SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+SCRIPT = REPO / "launch" / "pretrain.slurm"
+LOCAL = REPO / "launch" / "local.sh"
+# The tiny model, a few fast steps (seq 64, batch 8), shaped loss.
+TINY = [
+    "loss=tail_penalty",
+    "loss.beta=-0.25",
+    "train.seq_length=64",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "optim.warmup_steps=1",
+    "logging.wandb.mode=disabled",
+    "logging.progress=false",
+]
+COMPARED = ("lm_loss", "loss")
+JOB_ENV = {"NPROC_PER_NODE": "1", "DIVPREC_PYTHON": sys.executable}
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            break
+    return records
+
+
+def _local_run(overrides: list[str], run_dir: Path, nproc: int = 1) -> list[dict]:
+    """The same config on this machine, uninterrupted (launch/local.sh; torchrun when nproc > 1)."""
+    proc = subprocess.run(
+        ["bash", str(LOCAL), *overrides, f"run.dir={run_dir}"],
+        cwd=REPO,
+        env={**os.environ, "DIVPREC_PYTHON": sys.executable, "NPROC_PER_NODE": str(nproc)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (
+        f"local reference run failed:\n{proc.stdout[-3000:]}{proc.stderr[-5000:]}"
+    )
+    return _read_metrics(run_dir)
+
+
+def _submit(cluster: SlurmCluster, overrides: list[str], run_dir: Path, log_dir: Path) -> int:
+    return cluster.sbatch(
+        SCRIPT,
+        *overrides,
+        f"run.dir={run_dir}",
+        options=("--nodes", "2", "--output", f"{log_dir}/%x-%j.out", "--time", "20"),
+        env=JOB_ENV,
+        cwd=REPO,
+    )
+
+
+def _job_log(log_dir: Path, job_id: int) -> str:
+    path = log_dir / f"divprec-{job_id}.out"
+    return path.read_text(errors="replace") if path.exists() else "(no job log)"
+
+
+def _assert_close(ours: list[dict], ref: list[dict], rel: float) -> None:
+    assert [m["step"] for m in ours] == [m["step"] for m in ref]
+    for a, b in zip(ours, ref, strict=True):
+        for key in COMPARED:
+            assert math.isclose(a[key], b[key], rel_tol=rel), (a["step"], key, a[key], b[key])
+
+
+def _release_requeued(cluster: SlurmCluster, job: int, timeout: float = 60) -> None:
+    """Skip SLURM's hold of a requeued job (BeginTime about 2 min ahead): start it now."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = cluster.job(job)
+        if info["JobState"] != "PENDING" and info["JobState"] not in ("COMPLETING", "REQUEUED"):
+            return  # already running again (or finished)
+        if info["JobState"] == "PENDING":
+            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+            return
+        time.sleep(0.5)
+
+
+def test_two_node_tensor_parallel_matches_local(slurm_cluster, tmp_path):  # noqa: F811
+    steps = 4
+    overrides = [*TINY, f"train.steps={steps}"]
+    run_dir, logs = tmp_path / "slurm_run", tmp_path / "logs"
+    logs.mkdir()
+    started = time.monotonic()
+    job = _submit(slurm_cluster, [*overrides, "parallel.tensor=2"], run_dir, logs)
+    info = slurm_cluster.wait_finished(job, timeout=300)
+    log = _job_log(logs, job)
+    print(
+        f"[test_slurm] 2-node job {job}: {info['JobState']} in {time.monotonic() - started:.0f} s"
+    )
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-6000:]
+    assert info["NodeList"] == "n[1-2]", info
+    # Both nodes ran one torchrun each.
+    assert "node 0 (" in log and "node 1 (" in log, log[-6000:]
+
+    ours = _read_metrics(run_dir)
+    assert [m["step"] for m in ours] == list(range(1, steps + 1)), log[-6000:]
+    ref = _local_run(overrides, tmp_path / "local_run")  # one process, no tensor parallelism
+    _assert_close(ours, ref, rel=1e-4)
+
+
+def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path):  # noqa: F811
+    """USR1 mid-run -> checkpoint + preempted.json + exit 75 -> requeue -> resume -> same losses."""
+    steps = 40
+    overrides = [*TINY, f"train.steps={steps}", "parallel.tensor=2"]
+    run_dir, logs = tmp_path / "slurm_run", tmp_path / "logs"
+    logs.mkdir()
+    started = time.monotonic()
+    job = _submit(slurm_cluster, overrides, run_dir, logs)
+
+    # Wait until the first attempt has logged a few steps, then send the early-warning signal the
+    # way SLURM does before a time limit (--signal=USR1@N): to the job steps, not the batch shell.
+    deadline = time.monotonic() + 240
+    while len(_read_metrics(run_dir)) < 3:
+        info = slurm_cluster.job(job)
+        assert info["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), (
+            info,
+            _job_log(logs, job)[-6000:],
+        )
+        assert time.monotonic() < deadline, "no training steps after 240 s\n" + _job_log(logs, job)
+        time.sleep(0.5)
+    slurm_cluster.run("scancel", "--signal=USR1", str(job))
+    signalled_after = len(_read_metrics(run_dir))
+
+    # The batch script requeues the job: same id, Restarts=1. SLURM then holds a requeued job for
+    # about two minutes (Reason=BeginTime); the test releases it at once to keep the run short.
+    deadline = time.monotonic() + 240
+    while True:
+        info = slurm_cluster.job(job)
+        if int(info.get("Restarts", "0")) >= 1:
+            break
+        assert info["JobState"] in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED"), (
+            "the job was not requeued after SIGUSR1 (did the trainer save, write preempted.json "
+            f"and exit?): {info}\n" + _job_log(logs, job)[-8000:]
+        )
+        assert time.monotonic() < deadline, "no requeue after 240 s\n" + _job_log(logs, job)
+        time.sleep(0.5)
+    markers = sorted(run_dir.glob(f"preempted.{job}.0.json"))
+    assert markers, f"pretrain.slurm did not move preempted.json aside: {list(run_dir.iterdir())}"
+    marker = json.loads(markers[0].read_text())
+    preempted_step = marker["step"]
+    assert marker["signal"] == "SIGUSR1", marker
+    assert signalled_after <= preempted_step < steps, (signalled_after, marker)
+    assert any((run_dir / "checkpoints").iterdir()), "no checkpoint saved at preemption"
+    _release_requeued(slurm_cluster, job)
+
+    info = slurm_cluster.wait_finished(job, timeout=300)
+    log = _job_log(logs, job)
+    print(
+        f"[test_slurm] preempted job {job}: {info['JobState']} after step {preempted_step}, "
+        f"{time.monotonic() - started:.0f} s in all"
+    )
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-8000:]
+    assert info["Restarts"] == "1", info
+    # One log, both attempts (--open-mode=append), and the second one resumed.
+    assert "attempt 1 (SLURM_RESTART_COUNT=0)" in log and "attempt 2 (SLURM_RESTART_COUNT=1)" in log
+    assert "requeueing job" in log, log[-8000:]
+    assert re.search(r"resum", log.split("attempt 2 (")[1], re.IGNORECASE), (
+        "the second attempt does not mention resuming\n" + log[-8000:]
+    )
+
+    # metrics.jsonl: every step once, continuing after the preemption step.
+    ours = _read_metrics(run_dir)
+    assert [m["step"] for m in ours] == list(range(1, steps + 1)), [m["step"] for m in ours]
+    # The uninterrupted reference: the same layout (TP=2, two processes) on this machine.
+    ref = _local_run(overrides, tmp_path / "local_run", nproc=2)
+    _assert_close(ours, ref, rel=1e-5)

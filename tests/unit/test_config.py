@@ -1,0 +1,481 @@
+"""The Hydra config: presets compose and validate, every validation rule fails with its one-line
+message naming the key, and the entry point turns config errors into ``divprec: error: ...``
+(exit 2) before any corpus, model or process group exists."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from divprec.config.compose import CONF_DIR, compose_config
+from divprec.config.schema import PretrainConfig
+from divprec.config.validate import ConfigError, validate
+
+VOCAB = 4096
+
+MODELS = ("tiny", "moe_tiny", "dense_1b", "dense_4b", "moe_5b_a0_3b", "moe_10b_a0_5b")
+LOSSES = ("ce", "precision", "diversity", "tail_penalty", "head_bonus")
+EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+
+# The paper's reward shapes (loss.<key>).
+LOSS_VALUES = {
+    "ce": dict(beta=0.0, topk_negative_reward=0.0, tail_negative_reward=0.0),
+    "precision": dict(beta=-0.25, topk_negative_reward=0.0, tail_negative_reward=0.0),
+    "diversity": dict(beta=0.5, topk_negative_reward=0.0, tail_negative_reward=0.0),
+    "tail_penalty": dict(beta=0.0, topk=100, topk_negative_reward=0.0, tail_negative_reward=-0.1),
+    "head_bonus": dict(beta=0.0, topk=100, topk_negative_reward=0.1, tail_negative_reward=0.0),
+}
+
+# The paper's model shapes (model.<key>).
+MODEL_SHAPES = {
+    "dense_1b": dict(
+        num_layers=28,
+        hidden_size=1536,
+        ffn_hidden_size=4608,
+        num_attention_heads=16,
+        num_query_groups=4,
+        num_experts=None,
+    ),
+    "dense_4b": dict(
+        num_layers=36,
+        hidden_size=2560,
+        ffn_hidden_size=9728,
+        num_attention_heads=32,
+        num_query_groups=8,
+        num_experts=None,
+    ),
+    "moe_5b_a0_3b": dict(
+        num_layers=12,
+        hidden_size=1024,
+        moe_ffn_hidden_size=320,
+        num_attention_heads=32,
+        num_query_groups=4,
+        num_experts=384,
+        moe_router_topk=12,
+    ),
+    "moe_10b_a0_5b": dict(
+        num_layers=16,
+        hidden_size=1536,
+        moe_ffn_hidden_size=320,
+        num_attention_heads=32,
+        num_query_groups=4,
+        num_experts=384,
+        moe_router_topk=12,
+    ),
+}
+
+
+def _error(cfg: PretrainConfig, world_size: int = 1, vocab_size: int | None = VOCAB) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world_size=world_size, vocab_size=vocab_size)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+# --- presets ---------------------------------------------------------------------------------
+
+
+def test_defaults_compose_and_validate() -> None:
+    cfg = compose_config()
+    assert isinstance(cfg, PretrainConfig)
+    assert cfg.model.name == "tiny" and cfg.loss.is_cross_entropy
+    validate(cfg, world_size=1, vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("model", MODELS)
+def test_every_preset_composes_and_validates(model: str, loss: str) -> None:
+    cfg = compose_config([f"model={model}", f"loss={loss}"])
+    assert cfg.model.name == model
+    validate(cfg, world_size=1, vocab_size=VOCAB)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_loss_presets_have_the_papers_values(loss: str) -> None:
+    cfg = compose_config([f"loss={loss}"]).loss
+    for key, value in LOSS_VALUES[loss].items():
+        assert getattr(cfg, key) == value, f"loss={loss}: loss.{key}"
+    assert cfg.positive_form == "power"
+    assert cfg.is_cross_entropy == (loss == "ce")
+
+
+@pytest.mark.parametrize("model", sorted(MODEL_SHAPES))
+def test_model_presets_have_the_papers_shapes(model: str) -> None:
+    cfg = compose_config([f"model={model}"]).model
+    for key, value in MODEL_SHAPES[model].items():
+        assert getattr(cfg, key) == value, f"model={model}: model.{key}"
+    assert cfg.is_moe == (cfg.num_experts is not None)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size"),
+    [
+        (["model=dense_4b", "parallel.tensor=8", "parallel.pipeline=4"], 64),
+        (["model=dense_4b", "parallel.tensor=8", "parallel.sequence_parallel=true"], 16),
+        (["model=dense_1b", "parallel.tensor=4", "parallel.pipeline=4"], 32),
+        (["model=dense_1b", "parallel.tensor=4", "parallel.zero_stage=2"], 8),
+        (["model=moe_5b_a0_3b", "parallel.tensor=4", "parallel.pipeline=4"], 16),
+        (["model=moe_10b_a0_5b", "parallel.tensor=4", "parallel.pipeline=4"], 64),
+        (["model=moe_tiny", "parallel.tensor=2", "parallel.pipeline=2"], 4),
+    ],
+    ids=lambda v: v if isinstance(v, int) else "-".join(o.split(".")[-1] for o in v),
+)
+def test_large_layouts_validate(overrides: list[str], world_size: int) -> None:
+    validate(compose_config(["loss=precision", *overrides]), world_size, vocab_size=151936)
+
+
+@pytest.mark.parametrize(
+    "experiment",
+    EXPERIMENTS or [pytest.param(None, marks=pytest.mark.skip(reason="conf/experiment/ is empty"))],
+)
+def test_experiment_presets_compose_and_validate(experiment: str) -> None:
+    cfg = compose_config([f"experiment={experiment}"])
+    if cfg.data.blend is not None:  # a cluster's corpus paths: not checkable here
+        cfg.data.blend = cfg.data.tokenizer_model = None
+    validate(cfg, cfg.parallel.tensor * cfg.parallel.pipeline, vocab_size=VOCAB)
+
+
+# --- validation errors -----------------------------------------------------------------------
+
+# (overrides, world size, vocab size, regex of the message). "{tmp}" is replaced by a temporary
+# directory holding an existing tokenizer file "tok.model" and nothing else.
+ERRORS = {
+    "heads_tensor": (
+        ["parallel.tensor=3"],
+        3,
+        VOCAB,
+        r"^model\.num_attention_heads=4 is not divisible by parallel\.tensor=3: ",
+    ),
+    "heads_tensor_before_world_size": (
+        ["parallel.tensor=3"],
+        1,
+        VOCAB,
+        r"^model\.num_attention_heads=4 is not divisible by parallel\.tensor=3: ",
+    ),
+    "kv_heads_tensor": (
+        ["parallel.tensor=4"],
+        4,
+        VOCAB,
+        r"^model\.num_query_groups=2 \(KV heads\) is not divisible by parallel\.tensor=4: ",
+    ),
+    "kv_heads_divide_heads": (
+        ["model.num_query_groups=3"],
+        1,
+        VOCAB,
+        r"^model\.num_query_groups=3 must divide model\.num_attention_heads=4",
+    ),
+    "head_dim": (
+        ["model.hidden_size=130"],
+        1,
+        VOCAB,
+        r"^model\.hidden_size=130 is not divisible by model\.num_attention_heads=4: "
+        r"set model\.kv_channels",
+    ),
+    "model_size": (["model.num_layers=0"], 1, VOCAB, r"^model\.num_layers must be >= 1, got 0"),
+    "layers_pipeline": (
+        ["parallel.pipeline=3"],
+        3,
+        VOCAB,
+        r"^model\.num_layers=4 is not divisible by parallel\.pipeline=3: ",
+    ),
+    "tensor_zero": (["parallel.tensor=0"], 1, VOCAB, r"^parallel\.tensor must be >= 1, got 0"),
+    "pipeline_zero": (
+        ["parallel.pipeline=0"],
+        1,
+        VOCAB,
+        r"^parallel\.pipeline must be >= 1, got 0",
+    ),
+    "world_size": (
+        ["parallel.tensor=2"],
+        3,
+        VOCAB,
+        r"^world size 3 is not a multiple of parallel\.tensor x parallel\.pipeline = 2: ",
+    ),
+    "global_batch": (
+        ["train.global_batch_size=12"],
+        2,
+        VOCAB,
+        r"^train\.global_batch_size=12 is not divisible by train\.micro_batch_size x data "
+        r"parallel = 4 x 2: make it a multiple of 8",
+    ),
+    "global_batch_zero": (
+        ["train.global_batch_size=0"],
+        1,
+        VOCAB,
+        r"^train\.global_batch_size must be >= 1, got 0",
+    ),
+    "zero2_pipeline": (
+        ["parallel.zero_stage=2", "parallel.pipeline=2"],
+        2,
+        VOCAB,
+        r"^parallel\.zero_stage=2 cannot be combined with parallel\.pipeline > 1",
+    ),
+    "zero3": (["parallel.zero_stage=3"], 1, VOCAB, r"^parallel\.zero_stage=3 is not supported"),
+    "sequence_parallel_tp1": (
+        ["parallel.sequence_parallel=true"],
+        1,
+        VOCAB,
+        r"^parallel\.sequence_parallel=true needs parallel\.tensor > 1",
+    ),
+    "backend": (["parallel.backend=mpi"], 1, VOCAB, r"^parallel\.backend='mpi': use auto"),
+    "nccl_without_cuda": (
+        ["parallel.backend=nccl"],
+        1,
+        VOCAB,
+        r"^parallel\.backend=nccl needs CUDA devices",
+    ),
+    "topk_vocab": (
+        ["loss.topk=5000"],
+        1,
+        VOCAB,
+        r"^loss\.topk=5000 is larger than the vocabulary \(4096\)",
+    ),
+    "model_vocab_small": (
+        ["model.vocab_size=1000"],
+        1,
+        VOCAB,
+        r"^model\.vocab_size=1000 is smaller than the tokenizer's vocabulary \(4096\)",
+    ),
+    "schedule_longer_than_steps": (
+        ["optim.warmup_steps=300"],
+        1,
+        VOCAB,
+        r"^optim\.warmup_steps \+ optim\.stable_steps \+ decay \(40 steps\) = 340 exceeds "
+        r"train\.steps=200",
+    ),
+    "stable_steps_negative": (
+        ["optim.stable_steps=-5"],
+        1,
+        VOCAB,
+        r"^optim\.stable_steps must be >= 0 or null",
+    ),
+    "decay_fraction_range": (
+        ["optim.decay_fraction=1.5"],
+        1,
+        VOCAB,
+        r"^optim\.decay_fraction=1\.5 must be in \[0, 1\]",
+    ),
+    "decay_fraction_and_steps": (
+        ["optim.decay_steps=10"],
+        1,
+        VOCAB,
+        r"^optim\.decay_fraction=0\.2 must be in \[0, 1\] and not combined with optim\.decay_steps",
+    ),
+    "lr": (["optim.lr=0"], 1, VOCAB, r"^optim\.lr must be > 0"),
+    "final_lr": (
+        ["optim.final_lr=1.0"],
+        1,
+        VOCAB,
+        r"^optim\.final_lr=1\.0 must be in \[0, optim\.lr\]",
+    ),
+    "decay_style": (["optim.decay_style=step"], 1, VOCAB, r"^optim\.decay_style='step'"),
+    "steps": (["train.steps=0"], 1, VOCAB, r"^train\.steps must be >= 1, got 0"),
+    "precision": (
+        ["train.precision=fp16"],
+        1,
+        VOCAB,
+        r"^train\.precision='fp16': use auto, bf16 or fp32",
+    ),
+    "missing_data_file": (
+        ["data.blend=['{tmp}/corpus']", "data.tokenizer_model='{tmp}/tok.model'"],
+        1,
+        VOCAB,
+        r"^data\.blend\[0\]: missing .*/corpus\.bin for prefix",
+    ),
+    "missing_weighted_data_file": (
+        ["data.blend=[1.0,'{tmp}/corpus']", "data.tokenizer_model='{tmp}/tok.model'"],
+        1,
+        VOCAB,
+        r"^data\.blend\[1\]: missing .*/corpus\.bin for prefix",
+    ),
+    "missing_tokenizer_file": (
+        ["data.blend=['{tmp}/corpus']", "data.tokenizer_model='{tmp}/nope.model'"],
+        1,
+        VOCAB,
+        r"^data\.tokenizer_model: file not found: .*/nope\.model",
+    ),
+    "checkpoint_load": (
+        ["checkpoint.load='{tmp}/step_7'"],
+        1,
+        VOCAB,
+        r"^checkpoint\.load=.*/step_7: no such checkpoint directory",
+    ),
+    "checkpoint_resume": (
+        ["checkpoint.resume=always"],
+        1,
+        VOCAB,
+        r"^checkpoint\.resume='always': use auto or never",
+    ),
+    "wandb_mode": (
+        ["logging.wandb.mode=cloud"],
+        1,
+        VOCAB,
+        r"^logging\.wandb\.mode must be one of offline, online, disabled, got 'cloud'",
+    ),
+    "moe_topk_experts": (
+        ["model=moe_tiny", "model.moe_router_topk=9"],
+        1,
+        VOCAB,
+        r"^model\.moe_router_topk=9 must be in \[1, model\.num_experts=8\]",
+    ),
+    "moe_ffn_missing": (
+        ["model=moe_tiny", "model.moe_ffn_hidden_size=null"],
+        1,
+        VOCAB,
+        r"^model\.moe_ffn_hidden_size must be set when model\.num_experts is set",
+    ),
+    "moe_score_function": (
+        ["model=moe_tiny", "model.moe_router_score_function=relu"],
+        1,
+        VOCAB,
+        r"^model\.moe_router_score_function='relu': use sigmoid or softmax",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "vocab_size", "match"), ERRORS.values(), ids=ERRORS.keys()
+)
+def test_validation_error(
+    overrides: list[str],
+    world_size: int,
+    vocab_size: int,
+    match: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "tok.model").write_bytes(b"")
+    cfg = compose_config([o.replace("{tmp}", str(tmp_path)) for o in overrides])
+    message = _error(cfg, world_size, vocab_size)
+    assert re.search(match, message), f"{message!r} does not match {match!r}"
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("loss.beta=nan", r"^loss\.beta must be finite, got nan$"),
+        ("loss.tail_negative_reward=-inf", r"^loss\.tail_negative_reward must be finite"),
+        ("loss.topk=0", r"^loss\.topk must be an integer >= 1, got 0$"),
+        ("loss.positive_form=log", r"^loss\.positive_form must be one of power, product"),
+    ],
+)
+def test_loss_field_checks_fail_at_composition(override: str, match: str) -> None:
+    """ShapedLossConfig checks its own fields when OmegaConf builds the typed config."""
+    with pytest.raises(ValueError, match=match) as info:
+        compose_config([override])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.steps=abc", "train.steps"),
+        ("parallel.tensor=1.5", "parallel.tensor"),
+        ("loss.beta=high", "loss.beta"),
+        ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel"),
+        ("train.stepz=5", "train.stepz"),
+    ],
+)
+def test_hydra_rejects_bad_override_types(override: str, key: str) -> None:
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config([override])
+    # Hydra's own message names the override; the OmegaConf cause names the full key.
+    assert key in str(info.value).splitlines()[0]
+    assert f"full_key: {key}" in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("group", ["model", "loss", "optim", "experiment"])
+def test_hydra_rejects_unknown_presets(group: str) -> None:
+    with pytest.raises(MissingConfigException) as info:
+        compose_config([f"{group}=nope"])
+    # Hydra's message is multi-line (it lists the available options); its first line names it.
+    assert f"Could not find '{group}/nope'" in str(info.value).splitlines()[0]
+
+
+# --- the entry point -------------------------------------------------------------------------
+
+ENTRY_ERRORS = {
+    "heads": (
+        ["parallel.tensor=3"],
+        "divprec: error: model.num_attention_heads=4 is not divisible by parallel.tensor=3: "
+        "choose a tensor-parallel size that divides the heads",
+    ),
+    "beta_nan": (
+        ["loss=precision", "loss.beta=nan"],
+        "divprec: error: loss.beta must be finite, got nan",
+    ),
+    "topk_zero": (["loss.topk=0"], "divprec: error: loss.topk must be an integer >= 1, got 0"),
+}
+ENTRY_FAST_S = 30  # each fails in ~3 s alone (interpreter + imports); generous for a loaded CI box
+ENTRY_DEADLINE_S = 120
+
+
+def _run_entry_point(args: list[str], cwd: Path, run_dir: Path) -> tuple:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "HYDRA_FULL_ERROR")}
+    env["DS_ACCELERATOR"] = "cpu"
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "divprec.pretrain", *args, f"run.dir={run_dir}"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=ENTRY_DEADLINE_S,
+    )
+    return proc.returncode, proc.stdout, proc.stderr, cwd, run_dir, time.monotonic() - started
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _entry_futures(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Start the entry-point runs (mostly interpreter and torch import time) in the background
+    when the module starts, so they overlap the in-process tests; only if any test needs them."""
+    if not any(
+        "entry_point" in item.name and item.path == request.path for item in request.session.items
+    ):
+        yield {}
+        return
+    cases = {name: overrides for name, (overrides, _) in ENTRY_ERRORS.items()}
+    cases["cfg_job"] = ["--cfg", "job", "loss=precision"]
+    with ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        futures = {}
+        for name, args in cases.items():
+            cwd = tmp_path_factory.mktemp(name)
+            futures[name] = pool.submit(_run_entry_point, args, cwd, cwd / "r")
+        yield futures
+
+
+@pytest.fixture
+def entry_runs(_entry_futures: dict[str, Future]) -> dict[str, tuple]:
+    return {name: future.result() for name, future in _entry_futures.items()}
+
+
+@pytest.mark.parametrize("name", ENTRY_ERRORS)
+def test_entry_point_config_error(name: str, entry_runs: dict[str, tuple]) -> None:
+    returncode, out, err, cwd, run_dir, elapsed = entry_runs[name]
+    assert returncode == 2, (out, err)
+    assert err.splitlines() == [ENTRY_ERRORS[name][1]], err
+    assert "Traceback" not in out + err
+    # Failed before any corpus, model or run work: nothing written, not even by Hydra.
+    assert not run_dir.exists()
+    assert list(cwd.iterdir()) == []
+    assert elapsed < ENTRY_FAST_S
+
+
+def test_entry_point_cfg_job_prints_the_config(entry_runs: dict[str, tuple]) -> None:
+    returncode, out, err, cwd, run_dir, _ = entry_runs["cfg_job"]
+    assert returncode == 0, err
+    lines = out.splitlines()
+    assert "loss:" in lines and "  beta: -0.25" in lines
+    assert f"  dir: {run_dir}" in lines
+    assert not run_dir.exists() and list(cwd.iterdir()) == []
