@@ -3,8 +3,9 @@
     divprec-pretrain model=tiny loss=precision loss.beta=-0.5 parallel.tensor=2 train.steps=50
     torchrun --nproc_per_node 4 -m divprec.pretrain parallel.tensor=2 parallel.pipeline=2
 
-Configuration errors stop every rank with one line naming the key and the fix (exit code 2),
-before any process group, model or dataset exists.
+Inconsistent values stop every rank with one line naming the key and the fix (exit code 2),
+before any process group, model or dataset exists. Values Hydra itself rejects (a wrong type, an
+unknown preset) are reported by Hydra, with the available options, and exit with code 1.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from omegaconf import DictConfig
 
 from divprec.config.compose import CONF_DIR
 from divprec.config.schema import register_schema, to_typed
-from divprec.config.validate import validate
+from divprec.config.validate import validate, validate_loss
+from divprec.data.dataset import expected_vocab_size
 from divprec.parallel.distributed import launcher_world_size
 
 EXIT_CONFIG_ERROR = 2
@@ -37,6 +39,7 @@ def main(dict_cfg: DictConfig) -> None:
     try:
         cfg = to_typed(dict_cfg)
         validate(cfg, launcher_world_size())
+        validate_loss(cfg, expected_vocab_size(cfg.data))
     except ValueError as err:
         _fail(str(err))
     logging.getLogger().setLevel(logging.INFO)

@@ -176,3 +176,14 @@ def build_gpt_datasets(
             "give the train split more weight or use more data"
         )
     return GPTDatasets(train, valid, test, tokenizer, data)
+
+
+def expected_vocab_size(cfg: DataConfig | Any) -> int:
+    """The tokenizer's vocabulary, known before any data is built (for validating loss.topk).
+
+    The default corpus trains its tokenizer at exactly ``default_vocab_size``; otherwise the
+    tokenizer file says. Call after validate_data_config (the file must exist).
+    """
+    if cfg.blend is None:
+        return int(cfg.default_vocab_size)
+    return Tokenizer.from_file(cfg.tokenizer_model).vocab_size
