@@ -24,7 +24,14 @@ EXIT_UNUSABLE = 2
 
 # megatron-core announces its fallbacks on import; they say nothing about the checkpoint.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+warnings.filterwarnings("ignore", message="Apex is not installed")
 warnings.filterwarnings("ignore", message="full scope is deprecated")
+# torch.distributed.checkpoint's deprecation notices about the API megatron-core calls.
+warnings.filterwarnings(
+    "ignore",
+    category=FutureWarning,
+    module=r"(megatron\.core\.dist_checkpointing|torch\.distributed\.checkpoint)",
+)
 
 
 def _shape(shape: list[int]) -> str:
@@ -55,6 +62,7 @@ def print_inspection(info: dict) -> None:
         print(f"  train: {_settings(config['train'])}")
     tensors = info["tensors"]
     print(f"  parameters: {info['parameters']:,}")
+    print("global shapes; decoder.layers.* stack the layers on dim 0 (megatron-core's layout)")
     _print_tensors("model", tensors["model"])
     _print_tensors("optimizer", tensors["optimizer"])
     if "other" in tensors:
@@ -81,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print_inspection(info)
             if not info["complete"]:
-                raise CheckpointUnusable(f"checkpoint {info['path']} is incomplete: {info['reason']}")
+                raise CheckpointUnusable(
+                    f"checkpoint {info['path']} is incomplete: {info['reason']}"
+                )
         else:
             summary = export_model(args.path, args.out, args.dtype)
             files = summary["files"]

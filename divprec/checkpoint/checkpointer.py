@@ -79,13 +79,17 @@ def save_checkpoint(
     layout: dict,
     extra_files: dict[str, Path],
     keep_last: int | None,
+    async_queue=None,
 ) -> Path:
     """Write ``root/step_<step>`` atomically; returns its path (on every rank).
 
     ``layout``: the parallel layout (recorded; resharding on load needs no match).
     ``extra_files``: name in the checkpoint -> source file (config, tokenizer), copied by rank 0.
+    ``async_queue``: a megatron-core AsyncCallsQueue: the files are written by a background process
+    and the checkpoint is committed when the queue finalizes it (``latest`` moves only then);
+    None: written and committed before returning.
     Collectives: barriers; DeepSpeed's gathers of the optimizer state over data parallel;
-    megatron-core's distributed save.
+    megatron-core's distributed save (its planning, synchronously, in both modes).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     tmp = temp_dir(root, progress.step)
@@ -96,27 +100,41 @@ def save_checkpoint(
     dist.barrier()
     model_sd = model_sharded_state_dict(model)
     optimizer_sd = optimizer_sharded_state_dict(model, model_sd, gather=True)
-    dist_checkpointing.save({"model": model_sd, "optimizer": optimizer_sd}, str(tmp))
-    if rank == 0:  # after megatron-core's save, which wants an empty directory
+    request = dist_checkpointing.save(
+        {"model": model_sd, "optimizer": optimizer_sd},
+        str(tmp),
+        async_sharded_save=async_queue is not None,
+    )
+    if rank == 0:  # after megatron-core's save (planning), which wants an empty directory
         (tmp / "rng").mkdir()
     dist.barrier()
     torch.save(_rng_state(), tmp / _rng_file(rank))
-    dist.barrier()
     final = root / f"step_{progress.step:07d}"
-    if rank == 0:
-        for name, source in extra_files.items():
-            shutil.copyfile(source, tmp / name)
-        metadata = {
-            "step": progress.step,
-            "consumed_samples": progress.consumed_samples,
-            "layout": layout,
-            "world_size": world,
-            "files": [*extra_files, *(_rng_file(r) for r in range(world))],
-        }
-        final = commit(root, progress.step, metadata)
-        for removed in apply_retention(root, keep_last):
-            logger.info("checkpoint retention removed %s", removed)
-    dist.barrier()
+    metadata = {
+        "step": progress.step,
+        "consumed_samples": progress.consumed_samples,
+        "layout": layout,
+        "world_size": world,
+        "files": [*extra_files, *(_rng_file(r) for r in range(world))],
+    }
+
+    def finish() -> None:
+        if rank == 0:
+            for name, source in extra_files.items():
+                shutil.copyfile(source, tmp / name)
+            commit(root, progress.step, metadata)
+            for removed in apply_retention(root, keep_last):
+                logger.info("checkpoint retention removed %s", removed)
+
+    if async_queue is None:
+        dist.barrier()
+        finish()
+        dist.barrier()
+    else:
+        # Runs on every rank after all ranks' writers are done and megatron-core's own metadata
+        # is written (its finalize function comes first).
+        request.add_finalize_fn(finish)
+        async_queue.schedule_async_request(request)
     return final
 
 

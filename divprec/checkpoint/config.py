@@ -12,6 +12,9 @@ class CheckpointConfig:
     ``dir`` None: ``<run.dir>/checkpoints``. ``interval`` 0 saves only at the end of training.
     ``resume`` "auto" continues from ``<dir>/latest`` when it exists; "never" starts fresh.
     ``load`` names a checkpoint directory to start from (overrides ``resume``).
+    ``async_save``: interval saves are written by a background process while training goes on
+    (megatron-core's async torch_dist writer; on CPU the forked writer's memory is the snapshot);
+    ``latest`` moves when all ranks' files are written. The final and preemption saves wait.
     """
 
     dir: str | None = None

@@ -25,6 +25,7 @@ from divprec.checkpoint.layout import (
     LATEST,
     METADATA,
     check_complete,
+    complete_checkpoints,
     read_metadata,
     resolve_latest,
 )
@@ -36,9 +37,7 @@ _OPTIMIZER = "optimizer."
 _EMBEDDING_KEY = f"{_MODEL}embedding.word_embeddings.weight"
 _STEP_DIR = re.compile(r"^step_\d{7}(\.tmp)?$")
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-_HINT = (
-    "pass a step directory (.../checkpoints/step_0000100), a checkpoint directory or a run directory"
-)
+_HINT = "pass a step directory (.../step_0000100), a checkpoint directory or a run directory"
 
 
 class CheckpointUnusable(ValueError):
@@ -85,17 +84,16 @@ def resolve_checkpoint(path: Path, require_complete: bool = True) -> Path:
         status = check_complete(path)
         if require_complete and not status.complete:
             raise CheckpointUnusable(
-                f"checkpoint {path} is incomplete: {status.reason}; use a complete one, e.g. the "
-                f"one {path.parent / LATEST} names"
+                f"checkpoint {path} is incomplete: {status.reason}; pass a complete step "
+                f"directory, or {path.parent} for its latest complete checkpoint"
             )
         return path
     for root in _checkpoint_roots(path):
         steps = sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
         if not steps and not (root / LATEST).is_file():
             continue
-        found = resolve_latest(root)
-        if found is not None:
-            return found
+        if complete_checkpoints(root):  # resolve_latest warns only when it must fall back
+            return resolve_latest(root)
         reasons = "; ".join(f"{p.name}: {check_complete(p).reason}" for p in steps) or "none saved"
         raise CheckpointUnusable(
             f"no complete checkpoint in {root} ({reasons}): pass a complete step directory"
@@ -114,8 +112,10 @@ def _config_summary(step_dir: Path) -> dict[str, Any]:
     model = raw.get("model", {})
     model_keys = [
         "name", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-        "num_query_groups", "tie_embeddings", "num_experts", "moe_router_topk",
+        "num_query_groups", "tie_embeddings",
     ]  # fmt: skip
+    if model.get("num_experts"):
+        model_keys += ["num_experts", "moe_ffn_hidden_size", "moe_router_topk"]
     train_keys = ["seq_length", "precision", "seed", "steps", "global_batch_size"]
     return {
         "model": {k: model[k] for k in model_keys if k in model},

@@ -28,6 +28,11 @@ class CheckpointManager:
         self.root = Path(cfg.dir or Path(run_dir) / "checkpoints").expanduser().resolve()
         self.model, self.engine, self.layout, self.extra_files = model, engine, layout, extra_files
         self.last_saved_step: int | None = None
+        self._async_queue = None
+        if cfg.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._async_queue = AsyncCallsQueue()
 
     def resume(self) -> Progress | None:
         """Load ``checkpoint.load``, else (``resume=auto``) the latest complete checkpoint."""
@@ -44,16 +49,38 @@ class CheckpointManager:
         self.last_saved_step = progress.step
         return progress
 
-    def save(self, progress: Progress) -> Path:
+    def save(self, progress: Progress, wait: bool = True) -> Path:
+        """Save; ``wait=False`` with ``checkpoint.async_save`` lets the writing overlap training."""
+        self.finalize(blocking=True)  # one save in flight at a time
+        background = self._async_queue is not None and not wait
         path = save_checkpoint(
-            self.root, progress, self.model, self.layout, self.extra_files, self.cfg.keep_last
+            self.root,
+            progress,
+            self.model,
+            self.layout,
+            self.extra_files,
+            self.cfg.keep_last,
+            async_queue=self._async_queue if background else None,
         )
         self.last_saved_step = progress.step
-        logger.info("saved checkpoint %s", path)
+        logger.info("%s checkpoint %s", "writing" if background else "saved", path)
         return path
 
     def maybe_save(self, progress: Progress, total_steps: int) -> None:
-        """Save every ``checkpoint.interval`` steps and at the end of training."""
+        """Save every ``checkpoint.interval`` steps (in the background with async_save) and,
+        waiting for it, at the end of training."""
+        self.finalize(blocking=False)
+        last = progress.step == total_steps
         due = self.cfg.interval > 0 and progress.step % self.cfg.interval == 0
-        if (due or progress.step == total_steps) and self.last_saved_step != progress.step:
-            self.save(progress)
+        if (due or last) and self.last_saved_step != progress.step:
+            self.save(progress, wait=last)
+        elif last:
+            self.finalize(blocking=True)
+
+    def finalize(self, blocking: bool) -> None:
+        """Commit background saves that finished (all of them when ``blocking``).
+
+        Collective while a background save is pending: one all-reduce per call.
+        """
+        if self._async_queue is not None and self._async_queue.get_num_unfinalized_calls():
+            self._async_queue.maybe_finalize_async_calls(blocking=blocking)

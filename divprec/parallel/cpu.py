@@ -26,7 +26,7 @@ Per module (the name ``torch`` inside these megatron modules is replaced by a st
      causal mask, built when ``attention_mask`` is None) and ``tensor_parallel.data``
      (``broadcast_data``);
   4. ``torch.cuda.synchronize()`` is a no-op -- in ``pipeline_parallel.p2p_communication`` and
-     ``dist_checkpointing.strategies.filesystem_async`` (the checkpoint writer);
+     ``dist_checkpointing.strategies.{filesystem_async,async_utils}`` (the checkpoint writers);
   5. ``torch.cuda.get_rng_state()`` / ``torch.cuda.manual_seed()`` act on the CPU default
      generator -- in ``tensor_parallel.random`` (``CudaRNGStatesTracker.add`` and
      ``model_parallel_cuda_manual_seed``; the latter thus seeds the default generator with the
@@ -141,6 +141,7 @@ _MODULES_WITH_CPU_TORCH = (
     "megatron.core.tensor_parallel.data",
     "megatron.core.tensor_parallel.random",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
 )
 
 

@@ -90,6 +90,20 @@ def test_preempted_run_resumes_bit_identically(uninterrupted, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_async_saves_resume_bit_identically(uninterrupted, tmp_path):
+    first = _run(1, ["checkpoint.async_save=true", "checkpoint.interval=1"], tmp_path, stop_at=3)
+    assert first["exit"] == 75
+    ckpt = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == [
+        "step_0000001",
+        "step_0000002",
+        "step_0000003",
+    ]
+    second = _run(1, ["checkpoint.async_save=true", "checkpoint.interval=1"], tmp_path)
+    assert [m["step"] for m in second["history"]] == [4]
+    assert _losses(second["history"])[4] == _losses(uninterrupted)[4]
+
+
 RESHARD = {
     "dp2_to_tp2": (2, [], 2, ["parallel.tensor=2"]),
     "dp2_zero2_to_pp2": (2, ["parallel.zero_stage=2"], 2, ["parallel.pipeline=2"]),

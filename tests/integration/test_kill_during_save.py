@@ -52,7 +52,9 @@ def _kill_while_saving(run_dir: Path, min_complete: int, timeout_s: float = 300)
                 proc.wait()
                 return
             if proc.poll() is not None:
-                pytest.fail(f"training ended (exit {proc.returncode}) before a save was interrupted")
+                pytest.fail(
+                    f"training ended (exit {proc.returncode}) before a save was interrupted"
+                )
             time.sleep(0.002)
         pytest.fail("no checkpoint save was seen in progress")
     finally:
@@ -76,5 +78,7 @@ def test_kill_during_save_then_auto_resume(tmp_path):
     final = resolve_latest(root)
     assert final.name == f"step_{STEPS:07d}" and check_complete(final).complete
     assert not list(root.glob("step_*.tmp"))  # the interrupted save's leftovers were removed
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(1, STEPS + 1)), (start_step, steps)
