@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
@@ -24,6 +25,11 @@ from divprec.data.dataset import expected_vocab_size
 from divprec.parallel.distributed import launcher_world_size
 
 EXIT_CONFIG_ERROR = 2
+
+# megatron-core announces its fallbacks when Transformer Engine or Apex are absent (always on CPU);
+# the layer specs divprec builds already choose the local implementations.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed")
+warnings.filterwarnings("ignore", message="full scope is deprecated")  # megatron-core's own default
 
 register_schema()
 
@@ -43,6 +49,8 @@ def main(dict_cfg: DictConfig) -> None:
     except ValueError as err:
         _fail(str(err))
     logging.getLogger().setLevel(logging.INFO)
+    # megatron-core logs its dataset index bookkeeping at INFO; divprec reports what matters.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     from divprec.train.trainer import pretrain
 
     pretrain(cfg)

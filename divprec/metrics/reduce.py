@@ -107,6 +107,10 @@ class TokenStatSums:
             value = value.detach()
             self._sums[name] = self._sums[name] + value if name in self._sums else value.clone()
 
+    def totals(self) -> dict[str, torch.Tensor]:
+        """The sums so far (this rank's), e.g. to reduce over a group of the caller's choosing."""
+        return dict(self._sums)
+
     def reduce(self, group: dist.ProcessGroup | None = None) -> dict[str, float]:
         """:func:`reduce_token_means` of the sums so far (a collective over ``group``); resets."""
         if not self._sums:

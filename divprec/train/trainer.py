@@ -1,9 +1,10 @@
 """The pre-training loop: process groups -> data -> model -> DeepSpeed engine -> steps -> callbacks.
 
 One code path on CPU (gloo, megatron-core bridged by divprec.parallel.cpu) and GPU (NCCL).
-Each step: megatron-core's forward_backward function runs the microbatches (and pipeline
-communication) through the DeepSpeed engine; the engine reduces gradients over data parallel in the
-last microbatch's backward; engine.step() clips and applies AdamW on the ZeRO partitions.
+Each step: megatron-core's forward_backward function runs the microbatches (and the pipeline
+communication); DeepSpeed reduces the gradients over data parallel (divprec.parallel.
+deepspeed_engine.GradientSync), and engine.step() clips and applies AdamW on the ZeRO partitions.
+Then metrics (logging steps), callbacks, checkpointing and the preemption check.
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ def _step_metrics(
     identical stats, which scales every sum and the token count alike, so the means are exact.
     Collectives: one all-reduce SUM over the world; DeepSpeed's grad norm is already global.
     """
-    sums = stat_sums._sums if ctx.is_last_stage else empty_stat_sums(ctx.device)
+    sums = stat_sums.totals() if ctx.is_last_stage else empty_stat_sums(ctx.device)
     means = reduce_token_means(sums, group=None)
     means.pop("num_tokens", None)
     grad_norm = engine.get_global_grad_norm()
