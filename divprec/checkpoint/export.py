@@ -173,7 +173,9 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
     info["tensors"] = {"model": listing(model), "optimizer": listing(optimizer)}
     if other:
         info["tensors"]["other"] = listing(other)
-    info["parameters"] = sum(_numel(shape) for shape, _ in model.values())
+    # Parameters are the model tensors with optimizer state; the rest are buffers (MoE expert bias).
+    trained = [k for k in model if f"fp32_param.{_MODEL}{k}" in optimizer] or list(model)
+    info["parameters"] = sum(_numel(model[k][0]) for k in trained)
     return info
 
 
@@ -337,14 +339,15 @@ def export_model(checkpoint: Path, out: Path, dtype: str = "fp32") -> dict[str, 
     safetensors metadata: step, consumed_samples, the saved layout and the config (JSON).
     Runs in a single process (it creates a gloo world of one when there is none).
     """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    step_dir = resolve_checkpoint(checkpoint)  # before the heavy imports: errors come at once
+
     import torch
     from safetensors.torch import save_file
 
     from divprec.config.schema import to_dict
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    step_dir = resolve_checkpoint(checkpoint)
     metadata = read_metadata(step_dir)
     cfg = load_run_config(step_dir)
     saved = tensors_metadata(step_dir)

@@ -101,8 +101,10 @@ def build_eval_model(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     padded = vocab_size or config.model.padded_vocab_size(tokenizer.vocab_size, tp)
     if padded % tp or padded < tokenizer.vocab_size:
-        raise ValueError(f"vocab_size {padded} does not fit tokenizer vocab {tokenizer.vocab_size}"
-                         f" split over tensor parallel {tp}")  # fmt: skip
+        raise ValueError(
+            f"vocab_size {padded} does not fit tokenizer vocab {tokenizer.vocab_size}"
+            f" split over tensor parallel {tp}"
+        )
     model = build_stage(
         config.model,
         vocab_size=padded,
@@ -114,27 +116,41 @@ def build_eval_model(
     return EvalModel(model=model, tokenizer=tokenizer, config=config, step=step)
 
 
+def _run_checkpoint_root(run_dir: Path) -> Path:
+    """A run directory's checkpoint root: its config's checkpoint.dir, else <run>/checkpoints."""
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        custom = OmegaConf.select(OmegaConf.load(config), "checkpoint.dir")
+        if custom:
+            return Path(str(custom)).expanduser().resolve()
+    return run_dir / "checkpoints"
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory, given a step directory, a checkpoint root or a run directory."""
+    """A step directory, given a step directory, a checkpoint root or a run directory (the
+    latest complete checkpoint of the last two)."""
     path = Path(path).expanduser().resolve()
     if (path / METADATA).is_file():
         status = check_complete(path)
         if not status.complete:
             raise FileNotFoundError(f"checkpoint {path} is not usable: {status.reason}")
         return path
-    for root in (path, path / "checkpoints"):
+    roots = [path, _run_checkpoint_root(path)]
+    for root in roots:
         latest = resolve_latest(root)
         if latest is not None:
             return latest
     raise FileNotFoundError(
-        f"no complete checkpoint at {path} (looked for a step directory, {path}/latest and "
-        f"{path}/checkpoints/latest)"
+        f"no complete checkpoint at {path} (looked for a step directory and for checkpoints "
+        f"under {' and '.join(str(r) for r in roots)})"
     )
 
 
 def load_config(step_dir: Path) -> PretrainConfig:
     """The checkpoint's resolved config.yaml, typed (checked against the current schema)."""
-    merged = OmegaConf.merge(OmegaConf.structured(PretrainConfig), OmegaConf.load(step_dir / "config.yaml"))  # fmt: skip
+    merged = OmegaConf.merge(
+        OmegaConf.structured(PretrainConfig), OmegaConf.load(step_dir / "config.yaml")
+    )
     return OmegaConf.to_object(merged)
 
 
@@ -161,13 +177,17 @@ def load_weights(model: torch.nn.Module, step_dir: Path) -> None:
 
 
 def load_eval_model(
-    checkpoint: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    checkpoint: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> EvalModel:
     """Build the checkpoint's model in this process and load its weights.
 
     ``checkpoint``: a ``step_XXXXXXX`` directory, a checkpoint root or a run directory (-> the
     latest complete checkpoint). Initialises torch.distributed and megatron-core (tensor =
     pipeline = 1) when nothing has; otherwise uses megatron's layout (pipeline must be 1).
+    ``device``: None is where megatron-core builds (the current CUDA device when there is one,
+    else the CPU); megatron allocates activations there, so another device is refused.
     ``dtype``: parameters; None is float32 (evaluation of small models: exact, and bf16 matmuls
     on CPU are slow).
     """
@@ -182,8 +202,12 @@ def load_eval_model(
         dtype=dtype or torch.float32,
         step=int(read_metadata(step_dir)["step"]),
     )
+    if device is not None and torch.device(device).type != em.device.type:
+        raise ValueError(
+            f"load_eval_model: megatron-core builds on {em.device}; device={device!r} is not "
+            "supported (leave it None)"
+        )
     load_weights(em.model, step_dir)
-    em.model.to(device)
     em.model.eval()
     logger.info("loaded %s (step %d)", step_dir, em.step)
     return em

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from divprec.eval.decoding import CachedDecoder, Decoder, RecomputeDecoder
 from divprec.eval.model import EvalModel
 from divprec.eval.nucleus import next_tokens
 
@@ -77,40 +78,50 @@ def _finished(row: _Row, decode: Callable[[list[int]], str], eod: int, stop: str
     return False
 
 
+def _decoder(em: EvalModel, use_cache: bool, batch_size: int, max_length: int) -> Decoder:
+    if use_cache and isinstance(em, EvalModel):
+        return CachedDecoder(em.model, em.vocab_size, batch_size, max_length)
+    return RecomputeDecoder(em.logits)
+
+
 @torch.no_grad()
 def _generate_batch(
-    em: EvalModel,
-    prompt_ids: list[int],
+    decoder: Decoder,
+    tokenizer,
+    prompts: torch.Tensor,
     rows: list[_Row],
     temperature: float,
     top_p: float,
     max_new_tokens: int,
     stop: str | None,
-    device: torch.device,
 ) -> None:
-    """Extend every row (all with the same prompt length) until it finishes; fills the rows."""
-    tok = em.tokenizer
-    # rows may come from different prompts of equal length: one prompt per row.
-    seqs = torch.tensor([prompt_ids[r.prompt] for r in rows], dtype=torch.long, device=device)
+    """Extend ``rows`` (prompts ``[b, s]``, one per row) until each finishes; fills the rows."""
+    device = prompts.device
     active = list(range(len(rows)))
+    logits = decoder.prefill(prompts)  # [b, V]
     for t in range(max_new_tokens):
-        logits = em.logits(seqs, last_only=True)  # [b_active, V]
-        uniforms = torch.stack([rows[i].uniforms[t] for i in active])  # [b_active]
-        step = next_tokens(logits, temperature, top_p, uniforms.to(device))
-        ids, logprobs, entropies = (x.tolist() for x in (step.ids, step.logprobs, step.entropies))
+        uniforms = torch.stack([rows[i].uniforms[t] for i in active]).to(device)  # [b_active]
+        chosen = next_tokens(logits, temperature, top_p, uniforms)
+        ids, logprobs, entropies = (
+            x.tolist() for x in (chosen.ids, chosen.logprobs, chosen.entropies)
+        )
         still = []
         for k, i in enumerate(active):
             row = rows[i]
             row.ids.append(ids[k])
             row.logprobs.append(logprobs[k])
             row.entropies.append(entropies[k])
-            if not _finished(row, tok.decode, tok.eod_id, stop):
+            if not _finished(row, tokenizer.decode, tokenizer.eod_id, stop):
                 still.append(k)
-        if not still:
+        if not still or t == max_new_tokens - 1:
             return
-        keep = torch.tensor(still, device=device)
-        seqs = torch.cat([seqs[keep], step.ids[keep, None].to(device)], dim=1)  # [b', s + 1]
-        active = [active[k] for k in still]
+        next_ids = chosen.ids
+        if len(still) < len(active):
+            keep = torch.tensor(still, device=device)
+            decoder.keep(keep)
+            next_ids = next_ids[keep]
+            active = [active[k] for k in still]
+        logits = decoder.step(next_ids)
 
 
 def sample(
@@ -124,6 +135,7 @@ def sample(
     seed: int = 0,
     stop: str | None = "\n\n",
     return_details: bool = False,
+    use_cache: bool = True,
 ) -> list[list[str]] | list[list[Sample]]:
     """``num_samples`` completions of every prompt: ``out[i][j]`` is sample j of prompt i.
 
@@ -157,8 +169,12 @@ def sample(
             group = by_length[length]
             for start in range(0, len(group), batch_size):
                 batch = group[start : start + batch_size]
+                prompt_batch = torch.tensor(
+                    [prompt_ids[r.prompt] for r in batch], dtype=torch.long, device=device
+                )  # [b, length]: equal lengths, no padding
+                decoder = _decoder(em, use_cache, len(batch), length + max_new_tokens)
                 _generate_batch(
-                    em, prompt_ids, batch, temperature, top_p, max_new_tokens, stop, device
+                    decoder, tok, prompt_batch, batch, temperature, top_p, max_new_tokens, stop
                 )
     finally:
         if model is not None and was_training:
@@ -175,7 +191,7 @@ def sample(
                     row.entropies,
                     row.finish_reason,
                     prompt_ids[row.prompt],
-                )  # fmt: skip
+                )
                 if return_details
                 else row.text
             )

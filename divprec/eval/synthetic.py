@@ -135,9 +135,13 @@ class ArithmeticTask:
             problems.append(Problem(f"Q: {expression} = ?\nA:", str(value), steps))
         return problems
 
+    def extract_answer(self, completion: str) -> int | None:
+        """The completion's final answer: the integer after its first ``Answer:`` marker."""
+        return parse_answer(completion)
+
     def check(self, problem: Problem, completion: str) -> bool:
         """True iff the completion's first ``Answer: <int>`` equals the problem's answer."""
-        answer = parse_answer(completion)
+        answer = self.extract_answer(completion)
         return answer is not None and answer == int(problem.answer)
 
     def solution_text(self, problem: Problem) -> str:

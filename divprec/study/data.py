@@ -30,6 +30,7 @@ class DataSpec:
     """What the blend is made of (part of the study config; a change rebuilds the data)."""
 
     vocab_size: int = 4096  # the stdlib tokenizer's vocabulary
+    stdlib_max_files: int | None = None  # the first N stdlib files only (smoke runs); None: all
     arith_problems: int = 60_000  # worked problems in the arithmetic JSONL
     arith_weight: float = 0.5  # share of training samples drawn from arithmetic text
     task_min_steps: int = 2
@@ -94,7 +95,7 @@ def prepare_data(data_dir: str | Path, spec: DataSpec, show_progress: bool = Fal
     data_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     tokenizer_model, stdlib_prefix = ensure_default_corpus(
-        data_dir, spec.vocab_size, show_progress=show_progress
+        data_dir, spec.vocab_size, max_files=spec.stdlib_max_files, show_progress=show_progress
     )
     jsonl = write_training_jsonl(
         data_dir / "arith_train.jsonl", spec.arith_problems, seed=spec.seed, task=make_task(spec)

@@ -127,7 +127,7 @@ class SlurmCluster:
         return "\n".join(parts)
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """Distinct TCP ports free on loopback right now (held open together so they differ)."""
     socks = []
     try:
@@ -235,21 +235,32 @@ def _read_pid(path: Path, timeout: float = 10) -> int:
     raise RuntimeError(f"no pid file {path}")
 
 
-def _stop(pid: int, timeout: float = 15) -> None:
-    """SIGTERM one daemon we started, SIGKILL if it lingers."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+def _stop(pids: list[int], timeout: float = 15) -> None:
+    """SIGTERM the daemons we started (all at once), SIGKILL any that linger."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in alive if _alive(pid)]
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A daemon we started exits as a child of init, not of us: nothing to reap. Zombies count as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
 
 
 def start_cluster() -> SlurmCluster:
@@ -268,7 +279,7 @@ def start_cluster() -> SlurmCluster:
     (root / "plugstack.conf").write_text("")
     host = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
-    conf.write_text(_slurm_conf(root, host, _free_ports(1 + len(NODES))))
+    conf.write_text(_slurm_conf(root, host, free_ports(1 + len(NODES))))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     cluster = SlurmCluster(root=root, conf=conf, env=env)
 
@@ -328,9 +339,10 @@ def stop_cluster(cluster: SlurmCluster) -> None:
             if proc.returncode != 0 or not proc.stdout.strip():
                 break
             time.sleep(0.5)
-    for name in [*(f"slurmd-{n}" for n in NODES), "slurmctld", "munged"]:
-        if name in cluster._daemons:
-            _stop(cluster._daemons.pop(name))
+    # slurmd and slurmctld first (they talk to munged while shutting down), then munged.
+    _stop([cluster._daemons.pop(n) for n in list(cluster._daemons) if n != "munged"])
+    if "munged" in cluster._daemons:
+        _stop([cluster._daemons.pop("munged")])
     if os.environ.get("DIVPREC_KEEP_SLURM") == "1":
         print(f"[slurm_cluster] kept {cluster.root}")
     else:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import REPO, SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
+from slurm_cluster import REPO, SlurmCluster, free_ports, slurm_cluster  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -38,6 +38,12 @@ TINY = [
 ]
 COMPARED = ("lm_loss", "loss")
 JOB_ENV = {"NPROC_PER_NODE": "1", "DIVPREC_PYTHON": sys.executable}
+
+
+def _job_env() -> dict[str, str]:
+    # A free rendezvous port: another test session's cluster on this machine numbers its jobs
+    # from 1 too, so the script's default (derived from the job id) could collide.
+    return {**JOB_ENV, "DIVPREC_RDZV_PORT": str(free_ports(1)[0])}
 
 
 def _read_metrics(run_dir: Path) -> list[dict]:
@@ -75,7 +81,7 @@ def _submit(cluster: SlurmCluster, overrides: list[str], run_dir: Path, log_dir:
         *overrides,
         f"run.dir={run_dir}",
         options=("--nodes", "2", "--output", f"{log_dir}/%x-%j.out", "--time", "20"),
-        env=JOB_ENV,
+        env=_job_env(),
         cwd=REPO,
     )
 
@@ -93,15 +99,20 @@ def _assert_close(ours: list[dict], ref: list[dict], rel: float) -> None:
 
 
 def _release_requeued(cluster: SlurmCluster, job: int, timeout: float = 60) -> None:
-    """Skip SLURM's hold of a requeued job (BeginTime about 2 min ahead): start it now."""
+    """Skip most of SLURM's hold of a requeued job (BeginTime about 2 min ahead).
+
+    Not at once: slurmd refuses to launch a job whose credential was revoked (by the requeue) in
+    the same second ("Job credential revoked"; the job then FAILS). A few seconds suffice.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = cluster.job(job)
-        if info["JobState"] != "PENDING" and info["JobState"] not in ("COMPLETING", "REQUEUED"):
-            return  # already running again (or finished)
         if info["JobState"] == "PENDING":
+            time.sleep(5)
             cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
             return
+        if info["JobState"] not in ("COMPLETING", "REQUEUED"):
+            return  # already running again (or finished)
         time.sleep(0.5)
 
 
@@ -130,7 +141,7 @@ def test_two_node_tensor_parallel_matches_local(slurm_cluster, tmp_path):  # noq
 
 def test_preemption_requeues_and_resumes(slurm_cluster, tmp_path):  # noqa: F811
     """USR1 mid-run -> checkpoint + preempted.json + exit 75 -> requeue -> resume -> same losses."""
-    steps = 40
+    steps = 24
     overrides = [*TINY, f"train.steps={steps}", "parallel.tensor=2"]
     run_dir, logs = tmp_path / "slurm_run", tmp_path / "logs"
     logs.mkdir()

@@ -1,0 +1,1 @@
+"""Reinforcement-learning probes of pre-trained models (GRPO on verifiable synthetic tasks)."""

@@ -1,0 +1,133 @@
+"""The study's figures, drawn from a report dict (divprec.study.report) with matplotlib (Agg).
+
+- pretrain_entropy.png   token entropy and LM loss over pre-training steps, per setting
+- pass_at_k.png          Pass@k of the pre-trained checkpoints on held-out problems
+- rl_curves.png          RL reward, policy entropy and response length over RL steps
+- rl_pass_at_k.png       Pass@k at the first and the last RL evaluation
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {
+    "ce": "#444444",
+    "precision": "#1f77b4",
+    "diversity": "#d62728",
+    "tail_penalty": "#2ca02c",
+    "head_bonus": "#ff7f0e",
+}
+DPI = 80
+
+
+def _color(setting: str) -> str:
+    return COLORS.get(setting, "#9467bd")
+
+
+def _ema(values: list[float | None], alpha: float | None = None) -> list[float]:
+    """Exponential moving average; ``alpha`` None: about a 1/20 of the curve's length."""
+    alpha = alpha or max(0.05, min(1.0, 20 / max(len(values), 1)))
+    out, avg = [], None
+    for v in values:
+        if v is None or not math.isfinite(v):
+            out.append(avg if avg is not None else float("nan"))
+            continue
+        avg = v if avg is None else (1 - alpha) * avg + alpha * v
+        out.append(avg)
+    return out
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_pretrain(report: dict, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for setting, entry in report["settings"].items():
+        curves = (entry.get("pretrain") or {}).get("curves") or {}
+        steps = curves.get("step") or []
+        if not steps:
+            continue
+        for ax, key in zip(axes, ("entropy", "lm_loss"), strict=True):
+            ax.plot(steps, curves[key], color=_color(setting), alpha=0.15, lw=0.8)
+            ax.plot(steps, _ema(curves[key]), color=_color(setting), lw=1.5, label=setting)
+    axes[0].set(title="token entropy (training batches)", xlabel="step", ylabel="nats")
+    axes[1].set(title="LM loss (cross-entropy)", xlabel="step", ylabel="nats")
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _plot_curve(ax, passk: dict, setting: str, **kwargs) -> None:
+    ks = sorted(int(k) for k in passk)
+    ax.plot(ks, [passk[k] if k in passk else passk[str(k)] for k in ks], color=_color(setting),
+            marker="o", ms=3, **kwargs)  # fmt: skip
+
+
+def plot_pass_at_k(report: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for setting, entry in report["settings"].items():
+        ev = entry.get("eval") or {}
+        if ev.get("pass_at_k"):
+            _plot_curve(ax, ev["pass_at_k"], setting, label=setting)
+    ax.set_xscale("log", base=2)
+    ax.set(title="Pass@k after pre-training (held-out problems)", xlabel="k", ylabel="pass@k")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_rl_curves(report: dict, path: Path) -> Path:
+    keys = (("reward_mean", "reward (mean)"), ("entropy", "policy entropy"),
+            ("response_length", "response length (tokens)"))  # fmt: skip
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for setting, entry in report["settings"].items():
+        history = [r for r in (entry.get("rl") or {}).get("history") or [] if "reward_mean" in r]
+        if not history:
+            continue
+        steps = [r.get("step", i) for i, r in enumerate(history)]
+        for ax, (key, _) in zip(axes, keys, strict=True):
+            values = [r.get(key) for r in history]
+            ax.plot(steps, values, color=_color(setting), alpha=0.2, lw=0.8)
+            ax.plot(steps, _ema(values), color=_color(setting), lw=1.5, label=setting)
+    for ax, (_, title) in zip(axes, keys, strict=True):
+        ax.set(title=title, xlabel="RL step")
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_rl_pass_at_k(report: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for setting, entry in report["settings"].items():
+        rl = entry.get("rl") or {}
+        if rl.get("first_eval") and rl["first_eval"]["step"] != rl["last_eval"]["step"]:
+            _plot_curve(ax, rl["first_eval"]["pass_at_k"], setting, ls="--", alpha=0.5)
+        if rl.get("last_eval"):
+            _plot_curve(ax, rl["last_eval"]["pass_at_k"], setting, label=setting)
+    ax.set_xscale("log", base=2)
+    ax.set(title="Pass@k in RL: last eval (solid), first (dashed)", xlabel="k", ylabel="pass@k")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+PLOTS = {
+    "pretrain_entropy.png": plot_pretrain,
+    "pass_at_k.png": plot_pass_at_k,
+    "rl_curves.png": plot_rl_curves,
+    "rl_pass_at_k.png": plot_rl_pass_at_k,
+}
+
+
+def draw_all(report: dict, out_dir: Path) -> list[Path]:
+    """Every figure of :data:`PLOTS` into ``out_dir``; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [draw(report, out_dir / name) for name, draw in PLOTS.items()]
