@@ -154,13 +154,12 @@ def test_token_statistics_match_a_direct_computation(em):
     )
 
 
-def _save_checkpoint(em, run_dir: Path, step: int) -> None:
+def _save_checkpoint(em, root: Path, step: int) -> None:
     """A checkpoint as the trainer lays it out (model tensors only: the loader reads no more)."""
     from megatron.core import dist_checkpointing
 
     from divprec.checkpoint.layout import commit, temp_dir
 
-    root = run_dir / "checkpoints"
     tmp = temp_dir(root, step)
     tmp.mkdir(parents=True)
     dist_checkpointing.save({"model": em.model.sharded_state_dict(prefix="model.")}, str(tmp))
@@ -182,7 +181,7 @@ def test_load_eval_model_restores_saved_weights(em, tmp_path):
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
         trained = em.logits(tokens)
     try:
-        _save_checkpoint(em, tmp_path, 7)
+        _save_checkpoint(em, tmp_path / "checkpoints", 7)
         step_dir = tmp_path / "checkpoints" / "step_0000007"
         for where in (tmp_path, tmp_path / "checkpoints", step_dir):
             assert resolve_checkpoint(where) == step_dir
@@ -195,6 +194,12 @@ def test_load_eval_model_restores_saved_weights(em, tmp_path):
             assert not torch.allclose(logits, initial)
         with pytest.raises(FileNotFoundError):
             load_eval_model(tmp_path / "nothing")
+        # A run whose config puts its checkpoints elsewhere (checkpoint.dir).
+        run_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+        _save_checkpoint(em, elsewhere, 9)
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text(f"checkpoint:\n  dir: {elsewhere}\n")
+        assert resolve_checkpoint(run_dir) == elsewhere / "step_0000009"
     finally:
         with torch.no_grad():
             for n, p in em.model.named_parameters():
