@@ -72,7 +72,7 @@ def model_parallel_ready() -> bool:
 
 
 def ensure_model_parallel(seed: int) -> None:
-    """A gloo (or NCCL) world of one with tensor = pipeline = 1, unless megatron is set up already."""
+    """A world of one (gloo on CPU) with tensor = pipeline = 1, unless megatron is set up."""
     if model_parallel_ready():
         return
     from divprec.parallel.distributed import init_distributed

@@ -1,9 +1,11 @@
-"""Batched autoregressive sampling from an :class:`EvalModel`, without a KV cache.
+"""Batched autoregressive sampling from an :class:`EvalModel`.
 
 Rows are grouped by prompt length (all samples of a prompt share it), so every row of a batch is
 a plain left-aligned sequence: position ids 0..s-1, the implicit causal mask, and the next token
 read at the last position. No padding, so no attention mask, which every attention backend
-(SDPA, Transformer Engine) handles the same way. Finished rows leave the batch.
+(SDPA, Transformer Engine) handles the same way. Finished rows leave the batch. Decoding uses
+megatron-core's static KV cache (divprec.eval.decoding.CachedDecoder) unless ``use_cache=False``
+(recompute the whole sequence each step: the reference, and the path for non-megatron models).
 
 Determinism: row (prompt i, sample j) draws its uniforms from its own generator seeded by
 (seed, i, j), so its tokens do not depend on the batch it lands in; under tensor parallelism the
@@ -143,8 +145,11 @@ def sample(
     text), or after ``max_new_tokens``. ``temperature`` 0 is greedy. Up to ``batch_size``
     sequences run through the model at once. With ``return_details`` the entries are
     :class:`Sample` objects (token ids, per-token logprobs and entropies) instead of strings.
-    Puts the model in eval mode for the duration (restored after). Only ``em.tokenizer``,
-    ``em.logits`` and (optionally) ``em.model`` / ``em.device`` are used.
+    ``use_cache``: KV-cached decoding (the same tokens as recomputation; T token-forwards per
+    row instead of ~T^2 / 2). Under tensor parallelism call it on every rank of the group with the same
+    arguments: all ranks return the same samples. Puts the model in eval mode for the duration
+    (restored after). Only ``em.tokenizer``, ``em.logits`` and (optionally) ``em.model`` /
+    ``em.device`` are used.
     """
     if num_samples < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError("num_samples, batch_size and max_new_tokens must be >= 1")
