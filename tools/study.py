@@ -26,7 +26,9 @@ def _settings(text: str) -> tuple[str, ...]:
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     unknown = [s for s in names if s not in SETTINGS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown setting(s) {unknown}: choose from {', '.join(SETTINGS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown setting(s) {unknown}: choose from {', '.join(SETTINGS)}"
+        )
     return names
 
 

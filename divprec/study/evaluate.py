@@ -79,7 +79,9 @@ def pass_at_k_eval(em, task, spec: EvalSpec, seed: int) -> dict:
         return_details=True,
     )
     sampling_seconds = time.perf_counter() - start
-    correct = [sum(task.check(p, s.text) for s in row) for p, row in zip(problems, samples, strict=True)]
+    correct = [
+        sum(task.check(p, s.text) for s in row) for p, row in zip(problems, samples, strict=True)
+    ]
     flat = [s for row in samples for s in row]
     by_steps: dict[int, list[float]] = {}
     for p, c in zip(problems, correct, strict=True):
@@ -97,8 +99,11 @@ def pass_at_k_eval(em, task, spec: EvalSpec, seed: int) -> dict:
         "accuracy_by_steps": {k: statistics.fmean(v) for k, v in sorted(by_steps.items())},
         "sampling_seconds": sampling_seconds,
         "examples": [
-            {"prompt": problems[i].prompt, "answer": problems[i].answer,
-             "completions": [s.text for s in samples[i][:2]]}  # fmt: skip
+            {
+                "prompt": problems[i].prompt,
+                "answer": problems[i].answer,
+                "completions": [s.text for s in samples[i][:2]],
+            }  # fmt: skip
             for i in range(min(3, len(problems)))
         ],
     }

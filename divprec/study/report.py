@@ -53,8 +53,10 @@ def summarize_pretrain(metrics: list[dict], marker: dict | None) -> dict:
         **(marker or {}),
         "final": {k: _mean([m.get(k) for m in tail]) for k in CURVE_KEYS},
         "tokens_per_s": _mean([m.get("tokens_per_s") for m in metrics]),
-        "curves": {"step": [m["step"] for m in metrics],
-                   **{k: [m.get(k) for m in metrics] for k in CURVE_KEYS}},  # fmt: skip
+        "curves": {
+            "step": [m["step"] for m in metrics],
+            **{k: [m.get(k) for m in metrics] for k in CURVE_KEYS},
+        },  # fmt: skip
     }
 
 
@@ -156,16 +158,21 @@ def check_claims(settings: dict[str, dict]) -> dict:
         last = {s: r["last_eval"]["pass_at_k"] for s, r in rl.items()}
         kmax = max(k for p in last.values() for k in p)
         final = {s: p[kmax] for s, p in last.items() if kmax in p}
+        first = {s: r["first_eval"]["pass_at_k"] for s, r in rl.items()}
         reward = {s: r["reward_mean"]["end"] for s, r in rl.items()}
         claims["rl_precision_prior_helps"] = {
             "k": kmax,
             f"pass_at_{kmax}_after_rl": final,
+            f"pass_at_{kmax}_gain": {s: final[s] - first[s].get(kmax, math.nan) for s in final},
             "pass_at_1_after_rl": {s: p.get(1) for s, p in last.items()},
             "reward_end": reward,
             "holds": _order(final, ["precision", "ce"]),
         }
-        entropy = {s: r["entropy"] for s, r in rl.items()}
-        claims["rl_entropy"] = {"entropy": entropy}
+        # The paper: a diverse prior (high beta) collapses entropy early in RL, shorter answers.
+        claims["rl_entropy_and_length"] = {
+            "entropy": {s: r["entropy"] for s, r in rl.items()},
+            "response_length": {s: r["response_length"] for s, r in rl.items()},
+        }
     return claims
 
 
@@ -204,7 +211,9 @@ def build_report(study, *, ran_stages=(), invocation_seconds=None, plots: bool =
         rl = summarize_rl(_read(study.rl_path(s)))
         settings[s] = {
             "loss": _loss_of(study.run_dir(s)),
-            "pretrain": summarize_pretrain(read_metrics(study.run_dir(s) / "metrics.jsonl"), marker),
+            "pretrain": summarize_pretrain(
+                read_metrics(study.run_dir(s) / "metrics.jsonl"), marker
+            ),
             "eval": ev,
             "rl": rl,
         }
@@ -212,6 +221,10 @@ def build_report(study, *, ran_stages=(), invocation_seconds=None, plots: bool =
         timings[f"eval/{s}"] = ev.get("seconds") if ev else None
         timings[f"rl/{s}"] = rl.get("seconds") if rl else None
     timings["total_seconds"] = sum(v for v in timings.values() if isinstance(v, (int, float)))
+    clocks = _read(study.dir / "timings.json") or {}
+    timings["stages"] = clocks  # wall_s, cpu_s (the stage's processes), load averages
+    timings["total_wall_s"] = sum(c["wall_s"] for c in clocks.values())
+    timings["total_cpu_s"] = sum(c["cpu_s"] for c in clocks.values())
     timings["this_invocation_seconds"] = invocation_seconds
     timings["stages_run_this_invocation"] = list(ran_stages)
     report = {
@@ -229,7 +242,9 @@ def build_report(study, *, ran_stages=(), invocation_seconds=None, plots: bool =
         except ImportError as err:  # matplotlib is the optional `study` extra
             report["plots_error"] = f"{err}: pip install 'divprec[study]' for the plots"
         else:
-            report["plots"] = [str(p.relative_to(study.dir)) for p in draw_all(report, study.dir / "plots")]
+            report["plots"] = [
+                str(p.relative_to(study.dir)) for p in draw_all(report, study.dir / "plots")
+            ]
     tmp = study.dir / (REPORT + ".tmp")
     tmp.write_text(json.dumps(report, indent=1, default=list) + "\n")
     tmp.replace(study.dir / REPORT)

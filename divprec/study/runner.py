@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from divprec.study.isolate import run_command, run_function
 logger = logging.getLogger(__name__)
 
 STUDY_FILE = "study.json"
+TIMINGS_FILE = "timings.json"  # per stage: wall and CPU seconds, load average before / after
 
 
 class StudyDirError(ValueError):
@@ -77,6 +79,47 @@ def _last_jsonl(path: Path) -> dict | None:
     return None
 
 
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process and its finished children."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+class _StageClock:
+    """Records a stage's wall time, the CPU time of its processes (user + system of this process
+    and its finished children) and the load average around it, in timings.json: on a shared
+    machine the wall time alone says little about the work."""
+
+    def __init__(self, path: Path, name: str):
+        self.path, self.name = path, name
+
+    def __enter__(self) -> None:
+        self.wall, self.cpu, self.load = time.perf_counter(), _children_cpu(), _load()
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None:
+            return
+        record = _read_json(self.path) if self.path.is_file() else {}
+        record[self.name] = {
+            "wall_s": round(time.perf_counter() - self.wall, 2),
+            "cpu_s": round(_children_cpu() - self.cpu, 2),
+            "load_before": self.load,
+            "load_after": _load(),
+        }
+        _write_json(self.path, record)
+        logger.info("stage %s: %s", self.name, record[self.name])
+
+
 def check_study_dir(report_dir: Path, cfg: StudyConfig) -> None:
     """Record ``cfg`` in ``report_dir``, or check that the recorded one matches."""
     path = report_dir / STUDY_FILE
@@ -97,7 +140,9 @@ def check_study_dir(report_dir: Path, cfg: StudyConfig) -> None:
     _write_json(path, record)
 
 
-def pretrain_command(cfg: StudyConfig, setting: str, data_overrides: list[str], run_dir: Path) -> list[str]:
+def pretrain_command(
+    cfg: StudyConfig, setting: str, data_overrides: list[str], run_dir: Path
+) -> list[str]:
     """The pre-training command line of one setting (every setting: same data, seed, budget)."""
     return [
         sys.executable,
@@ -201,7 +246,9 @@ class Study:
                     self.cfg.seed, self.cfg.torch_threads)  # fmt: skip
             from divprec.study.evaluate import evaluate_checkpoint
 
-            run_function(evaluate_checkpoint, args, self.eval_path(setting), self.log_path(f"eval_{setting}"))
+            run_function(
+                evaluate_checkpoint, args, self.eval_path(setting), self.log_path(f"eval_{setting}")
+            )
 
         return run
 
@@ -220,7 +267,9 @@ class Study:
 
             args = (str(self.run_dir(setting)), asdict(self.cfg.rl), asdict(self.cfg.data),
                     self.cfg.seed, str(progress), self.cfg.torch_threads)  # fmt: skip
-            run_function(rl_probe, args, self.rl_path(setting), self.log_path(f"rl_{setting}"), poll=poll)
+            run_function(
+                rl_probe, args, self.rl_path(setting), self.log_path(f"rl_{setting}"), poll=poll
+            )
 
         return run
 
@@ -255,9 +304,8 @@ def run_study(
             def postfix(values: dict, _bar=bar) -> None:
                 _bar.set_postfix(values, refresh=True)
 
-            t0 = time.perf_counter()
-            stage.run(postfix)
-            logger.info("stage %s done in %.1fs", stage.name, time.perf_counter() - t0)
+            with _StageClock(study.dir / TIMINGS_FILE, stage.name):
+                stage.run(postfix)
             ran.append(stage.name)
             bar.update(1)
         bar.set_description("report")

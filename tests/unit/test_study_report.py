@@ -63,7 +63,9 @@ def test_pretrain_command_is_the_same_for_every_setting_but_the_loss(tmp_path: P
     ce = pretrain_command(cfg, "ce", data, tmp_path / "ce")
     prec = pretrain_command(cfg, "precision", data, tmp_path / "ce")
     assert ce[1:3] == ["-m", "divprec.pretrain"]
-    assert [a for a in ce if not a.startswith("loss=")] == [a for a in prec if not a.startswith("loss=")]
+    assert [a for a in ce if not a.startswith("loss=")] == [
+        a for a in prec if not a.startswith("loss=")
+    ]
     assert "loss=ce" in ce and "train.seed=5" in ce and "experiment=study" in ce
     assert "logging.wandb.mode=disabled" in ce and "logging.progress=false" in ce
     assert ce.index("train.steps=12") > ce.index("experiment=study")  # overrides after the preset
@@ -76,7 +78,10 @@ def test_heldout_sources_split_the_blend() -> None:
 
 
 def test_pass_at_k_of_reads_rl_records() -> None:
-    assert pass_at_k_of({"step": 3, "pass@1": 0.1, "pass@16": 0.5, "loss": 1.0}) == {1: 0.1, 16: 0.5}
+    assert pass_at_k_of({"step": 3, "pass@1": 0.1, "pass@16": 0.5, "loss": 1.0}) == {
+        1: 0.1,
+        16: 0.5,
+    }
     assert pass_at_k_of({"step": 3, "reward_mean": 0.1}) is None
 
 
