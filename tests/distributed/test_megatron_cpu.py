@@ -363,14 +363,22 @@ def test_pipeline_parallel_2_1f1b_equals_single_process(results: list[dict]) -> 
     _assert_grads_close(grads, ref_grads)
 
 
-def test_enable_does_nothing_when_cuda_is_available(monkeypatch: pytest.MonkeyPatch) -> None:
+def _enable_with_cuda_present(rank: int, world: int) -> dict:
     from divprec.parallel import cpu
 
     current_device = torch.cuda.current_device
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert cpu.enable_cpu_execution() is False
-    assert not cpu.is_cpu_execution_enabled()
-    assert torch.cuda.current_device is current_device
+    torch.cuda.is_available = lambda: True  # this fresh process only
+    return {
+        "returned": cpu.enable_cpu_execution(),
+        "enabled": cpu.is_cpu_execution_enabled(),
+        "untouched": torch.cuda.current_device is current_device,
+    }
+
+
+def test_enable_does_nothing_when_cuda_is_available() -> None:
+    # A fresh process: other tests may have enabled the bridge in this one.
+    (out,) = run_in_processes(_enable_with_cuda_present, 1)
+    assert out == {"returned": False, "enabled": False, "untouched": True}
 
 
 def test_enable_is_idempotent_and_rng_tracker_fork_restores_state(results: list[dict]) -> None:
