@@ -155,3 +155,69 @@ def test_defaults_equal_megatron_vocab_parallel_cross_entropy(world):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
         ours, theirs = rank_out["grad"]
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+# --- Wide shards: the block top-k path, K_t by indices and by the sign bit, inplace ---
+
+WIDE = 4096  # shards of 2048 (tp=2) and 1024 (tp=4) take the block path at these topk
+
+
+def _wide_cases() -> list[tuple[str, ShapedLossConfig, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(12, WIDE, generator=g) * 2
+    for col in (1023, 1024, 2047, 2048, 3071, 3072):  # top logits on both sides of boundaries
+        logits[:, col] += 6.0 + torch.rand(12, generator=g)
+    target = torch.randint(0, WIDE, (12,), generator=g)
+    target[0::3] = torch.tensor([1023, 2048, 3072, 5])
+    logits[4] = torch.randint(-3, 4, (WIDE,), generator=g).float()  # ties over many blocks
+    cfg = ShapedLossConfig(beta=-0.25, topk=5, topk_negative_reward=0.2, tail_negative_reward=-0.1)
+    return [
+        ("wide_k5", cfg, logits, target),
+        ("wide_k1", ShapedLossConfig(beta=0.5, topk=1, tail_negative_reward=-0.1), logits, target),
+        ("wide_k8_ce", ShapedLossConfig(topk=8), logits, target),
+        ("wide_bf16", cfg, logits.bfloat16(), target),
+    ]
+
+
+def _wide_worker(rank: int, world: int) -> dict:
+    import divprec.loss.vocab_parallel as vp
+
+    group = torch.distributed.group.WORLD
+    out = {}
+    for name, cfg, logits, target in _wide_cases():
+        assert vp._block_size(WIDE // world, cfg.topk) is not None, name
+        for inplace in (False, True):
+            z = _shard(logits, rank, world).requires_grad_(True)
+            loss, stats = vocab_parallel_shaped_loss(
+                z, target, cfg, tp_group=group, inplace=inplace
+            )
+            loss.sum().backward()
+            out[name, inplace] = (loss.detach(), z.grad, {k: v.clone() for k, v in stats.items()})
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_block_path_vocab_parallel_equals_single_process(world):
+    results = run_in_processes(_wide_worker, world)
+    for name, cfg, logits, target in _wide_cases():
+        z = logits.clone().requires_grad_(True)
+        loss, stats = shaped_loss(z, target, cfg)
+        loss.sum().backward()
+        for inplace in (False, True):
+            grad = torch.cat([results[r][name, inplace][1] for r in range(world)], dim=-1)
+            for rank in range(world):
+                rank_loss, _, rank_stats = results[rank][name, inplace]
+                torch.testing.assert_close(rank_loss, loss.detach(), rtol=1e-6, atol=1e-6)
+                for stat in STAT_NAMES:
+                    torch.testing.assert_close(
+                        rank_stats[stat], stats[stat], rtol=1e-6, atol=1e-6, msg=f"{name} {stat}"
+                    )
+            # bf16 gradients: fp32 sums in another order may round to the neighbouring bf16.
+            rtol = 1e-5 if logits.dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(grad, z.grad, rtol=rtol, atol=1e-7, msg=name)
+        if logits.dtype == torch.float32:
+            ref_loss, ref_grad, _ = reference(logits, target, cfg)
+            assert relative_error(grad, ref_grad) < 1e-5, name
+            torch.testing.assert_close(
+                loss.detach().double(), ref_loss, rtol=1e-5, atol=1e-6, msg=name
+            )

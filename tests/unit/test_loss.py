@@ -214,3 +214,193 @@ def test_config_errors_name_the_field(kwargs, message):
 def test_cross_entropy_flag():
     assert ShapedLossConfig().is_cross_entropy
     assert not ShapedLossConfig(beta=-0.25).is_cross_entropy
+
+
+# --- The block top-k path (wide vocabularies), K_t by indices, dense fallback, inplace, threads ---
+
+WIDE = 4096  # wide enough for the block path at topk <= 32 (4096 / 32 = 128 blocks)
+
+
+def make_wide_case(rows: int = 16, seed: int = 5):
+    """Random rows (targets in and out of the top-k), tied rows, and a row with -inf logits."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, WIDE, generator=g) * 3
+    target = torch.randint(0, WIDE, (rows,), generator=g)
+    target[0::4] = logits[0::4].argmax(-1)
+    # Ties at the k-th value spread over many blocks: integer logits.
+    logits[2] = torch.randint(-3, 4, (WIDE,), generator=g).float()
+    logits[3] = 0.0  # every token ties: K_t is the whole row (dense fallback)
+    logits[3, 7] = 1.0
+    logits[5, 100:3000] = float("-inf")  # masked tokens: e = 0, e * d = 0
+    target[5] = 4000
+    return logits, target
+
+
+def assert_matches_reference(loss, grad, stats, logits, target, cfg):
+    # The reference's 0 * log(0) is NaN: give it a finite stand-in for -inf (exp underflows to 0).
+    ref_loss, ref_grad, ref_stats = reference(logits.clamp(min=-1e4), target, cfg)
+    assert relative_error(grad, ref_grad) < 1e-5
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6 * ref_grad.abs().max())
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(stats[name].double(), ref_stats[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("topk", [1, 5, 32])
+@pytest.mark.parametrize("rewards", [(0.0, -0.1), (0.2, -0.3), (0.1, 0.1)])
+def test_block_path_matches_float64_policy_gradient(topk, rewards):
+    import divprec.loss.vocab_parallel as vp
+
+    assert vp._block_size(WIDE, topk) is not None  # the block path, not the whole-row top-k
+    cfg = ShapedLossConfig(
+        beta=-0.25, topk=topk, topk_negative_reward=rewards[0], tail_negative_reward=rewards[1]
+    )
+    logits, target = make_wide_case()
+    loss, grad, stats = run(logits, target, cfg)
+    assert_matches_reference(loss, grad, stats, logits, target, cfg)
+    # Both ways of holding K_t ran: indices (most rows) and the sign bit (the tied row 2).
+    z = logits.clone().requires_grad_(True)
+    ctx = shaped_loss(z, target, cfg)[0].grad_fn
+    (dense,) = ctx.dense_rows  # one chunk
+    assert 2 in dense.tolist()
+    if rewards[0] != rewards[1]:  # equal rewards: K_t needs no special gradient, nothing kept
+        assert sum(i.numel() for i in ctx.head_index if i is not None) >= 10 * topk
+
+
+@pytest.mark.parametrize("topk", [1, 3, 20, 100])
+def test_local_top_by_blocks_is_the_exact_top_k(topk):
+    import divprec.loss.vocab_parallel as vp
+
+    g = torch.Generator().manual_seed(topk)
+    rows = [torch.randn(8, 32768, generator=g), torch.randint(-5, 6, (8, 32768), generator=g)]
+    for z in (*rows, rows[0].bfloat16(), rows[1].bfloat16()):
+        block = vp._block_size(z.shape[1], topk)
+        assert block is not None
+        top = vp._local_top(z, topk, block)
+        expected = torch.topk(z.float(), topk, dim=-1).values
+        torch.testing.assert_close(
+            top.values.sort(dim=-1, descending=True).values, expected, rtol=0, atol=0
+        )
+        torch.testing.assert_close(top.row_max, expected[:, 0], rtol=0, atol=0)
+        if top.candidates is not None:  # the candidates' columns point at their logits
+            torch.testing.assert_close(z.gather(1, top.columns()), top.candidates, rtol=0, atol=0)
+
+
+def test_bf16_ties_at_the_threshold_on_the_block_path():
+    # bf16 logits tie at the k-th value in almost every row; K_t must contain every tied token.
+    g = torch.Generator().manual_seed(11)
+    logits = (torch.randn(12, WIDE, generator=g) * 2).bfloat16()
+    target = torch.randint(0, WIDE, (12,), generator=g)
+    cfg = ShapedLossConfig(beta=-0.25, topk=20, topk_negative_reward=0.3, tail_negative_reward=-0.1)
+    z = logits.clone().requires_grad_(True)
+    loss, stats = shaped_loss(z, target, cfg)
+    loss.sum().backward()
+    # K_t is held by indices and has more than k members in some rows: ties were found.
+    assert loss.grad_fn.dense_rows == [None]
+    assert sum(i.numel() for i in loss.grad_fn.head_index) > 12 * 20
+    ref_loss, ref_grad, ref_stats = reference(logits.float(), target, cfg)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        stats["topk_mass"].double(), ref_stats["topk_mass"], rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        z.grad.double(), ref_grad, rtol=1e-2, atol=1e-3 * ref_grad.abs().max()
+    )
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunks_in_threads_match_reference(monkeypatch, threads):
+    import divprec.loss.vocab_parallel as vp
+
+    monkeypatch.setattr(vp, "_CHUNK_ELEMENTS", WIDE * 3)  # 3 rows per chunk, 16 rows: 6 chunks
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        logits, target = make_wide_case()
+        cfg = ShapedLossConfig(
+            beta=0.5, topk=5, topk_negative_reward=0.1, tail_negative_reward=-0.05
+        )
+        loss, grad, stats = run(logits, target, cfg)
+        assert torch.get_num_threads() == threads  # restored after the chunk threads
+    finally:
+        torch.set_num_threads(before)
+    assert_matches_reference(loss, grad, stats, logits, target, cfg)
+
+
+@pytest.mark.parametrize("vocab", [VOCAB, WIDE])
+def test_inplace_gives_identical_results_and_overwrites_the_logits(vocab):
+    logits, target = make_case(rows=12, vocab=vocab) if vocab == VOCAB else make_wide_case()
+    cfg = ShapedLossConfig(beta=-0.25, topk=5, tail_negative_reward=-0.1)
+    loss, grad, stats = run(logits, target, cfg)
+    z = logits.clone().requires_grad_(True)
+    loss_i, stats_i = shaped_loss(z, target, cfg, inplace=True)
+    assert not torch.equal(z.detach(), logits)  # overwritten in the forward
+    loss_i.sum().backward()
+    assert z.grad.untyped_storage().data_ptr() == z.untyped_storage().data_ptr()  # its storage
+    torch.testing.assert_close(loss_i, loss, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(z.grad, grad, rtol=0, atol=0)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(stats_i[name], stats[name], rtol=0, atol=0)
+    # inplace keeps no second fp32 copy: nothing vocabulary-sized besides the logits is saved.
+    z2 = logits.clone().requires_grad_(True)
+    loss2, _ = shaped_loss(z2, target, cfg, inplace=True)
+    saved = [t for t in loss2.grad_fn.saved_tensors if t.numel() >= z2.numel()]
+    assert (
+        len(saved) == 1 and saved[0].untyped_storage().data_ptr() == z2.untyped_storage().data_ptr()
+    )
+
+
+def test_inplace_on_bf16_leaves_the_logits_untouched():
+    logits, target = make_wide_case()
+    z = logits.bfloat16().requires_grad_(True)
+    before = z.detach().clone()
+    cfg = ShapedLossConfig(beta=-0.25, topk=5, tail_negative_reward=-0.1)
+    loss, _ = shaped_loss(z, target, cfg, inplace=True)
+    loss.sum().backward()
+    assert torch.equal(z.detach(), before)
+    z_ref = before.clone().requires_grad_(True)
+    loss_ref, _ = shaped_loss(z_ref, target, cfg)
+    loss_ref.sum().backward()
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(z.grad, z_ref.grad, rtol=0, atol=0)
+
+
+def test_inplace_fails_loudly_when_the_logits_are_needed_elsewhere():
+    logits, target = make_case(rows=6)
+    x = logits.clone().requires_grad_(True)
+    z = torch.exp(x)  # exp saves its output for the backward
+    loss, _ = shaped_loss(z, target, ShapedLossConfig(topk=5), inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.sum().backward()
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 100])
+def test_bf16_gradient_is_written_into_the_fp32_buffer(monkeypatch, chunk_rows):
+    import divprec.loss.vocab_parallel as vp
+
+    monkeypatch.setattr(vp, "_CHUNK_ELEMENTS", WIDE * chunk_rows)
+    logits, target = make_wide_case()
+    logits16 = logits.bfloat16()
+    cfg = ShapedLossConfig(beta=-0.25, topk=5, tail_negative_reward=-0.1)
+    z16 = logits16.clone().requires_grad_(True)
+    shaped_loss(z16, target, cfg)[0].sum().backward()
+    z32 = logits16.float().requires_grad_(True)  # the same values in fp32
+    shaped_loss(z32, target, cfg)[0].sum().backward()
+    assert z16.grad.dtype == torch.bfloat16
+    assert torch.equal(z16.grad, z32.grad.bfloat16())
+    # No second gradient tensor: the bf16 gradient lives in the fp32 buffer's storage.
+    assert z16.grad.untyped_storage().nbytes() == 4 * z16.numel()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_matches_the_same_float64_reference(inplace):
+    # The CUDA path (larger chunks, no chunk threads) against the reference the CPU tests use.
+    cfg = ShapedLossConfig(beta=-0.25, topk=5, topk_negative_reward=0.2, tail_negative_reward=-0.1)
+    for logits, target in (make_case(rows=12), make_wide_case()):
+        z = logits.cuda().requires_grad_(True)
+        loss, stats = shaped_loss(z, target.cuda(), cfg, inplace=inplace)
+        loss.sum().backward()
+        stats = {k: v.cpu() for k, v in stats.items()}
+        assert_matches_reference(loss.detach().cpu(), z.grad.cpu(), stats, logits, target, cfg)

@@ -1,0 +1,92 @@
+"""Smoke test of tools/bench_loss.py and tools/bench_train.py at toy sizes: their JSON output."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+LOSS_KEYS = {
+    "vocab", "tokens", "topk", "tp", "device", "dtype", "config", "inplace", "shaped_ms",
+    "megatron_ce_ms", "time_ratio", "shaped_peak_bytes", "megatron_ce_peak_bytes", "memory_ratio",
+}  # fmt: skip
+TRAIN_KEYS = {"loss", "tokens_per_s", "tflops", "mfu", "step_time_s", "ratio_to_baseline"}
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_tool_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_loss_json(tmp_path):
+    out = tmp_path / "loss.json"
+    bench = _load("bench_loss")
+    args = ["--vocab", "512", "--tokens", "64", "--topk", "1", "100", "--tp", "1", "--repeats", "1"]
+    assert bench.main([*args, "--configs", "paper", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    # topk {1, 100} x inplace {off, on} for fp32.
+    assert len(records) == 4
+    assert {(r["topk"], r["inplace"]) for r in records} == {
+        (1, False),
+        (1, True),
+        (100, False),
+        (100, True),
+    }
+    for r in records:
+        assert r.keys() >= LOSS_KEYS and r["skipped"] is None
+        assert (r["vocab"], r["tokens"], r["tp"], r["device"], r["dtype"]) == (
+            512,
+            64,
+            1,
+            "cpu",
+            "fp32",
+        )
+        for key in ("shaped_ms", "megatron_ce_ms", "time_ratio", "memory_ratio"):
+            assert _positive(r[key]), (key, r[key])
+        inputs = 512 * 64 * 4
+        # Peaks count the inputs; megatron-core's CE works in place on fp32 logits.
+        assert r["megatron_ce_peak_bytes"] >= inputs and r["shaped_peak_bytes"] >= inputs
+        if not r["inplace"]:  # the shaped loss's own fp32 buffer
+            assert r["shaped_peak_bytes"] >= 2 * inputs
+
+
+def test_bench_loss_skips_what_does_not_fit(tmp_path, capsys):
+    out = tmp_path / "loss.json"
+    bench = _load("bench_loss")
+    huge = ["--vocab", "262144", "--tokens", "1048576", "--topk", "100", "--tp", "1"]
+    assert bench.main([*huge, "--configs", "paper", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert records and all(r["skipped"] and r["shaped_ms"] is None for r in records)
+    assert "needs ~" in capsys.readouterr().out
+
+
+def test_bench_train_json(tmp_path):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "train.json"
+    bench = _load("bench_train")
+    args = ["--steps", "3", "--warmup-steps", "1", "--seq-length", "32", "--micro-batch", "2"]
+    assert bench.main([*args, "--global-batch", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    runs = report["runs"]
+    assert [r["loss"] for r in runs] == ["ce", "precision"]
+    for r in runs:
+        assert r.keys() >= TRAIN_KEYS
+        assert r["measured_steps"] == 2
+        for key in ("tokens_per_s", "tflops", "step_time_s", "ratio_to_baseline"):
+            assert _positive(r[key]), (key, r[key])
+        if report["machine"]["device"] == "cpu":
+            assert r["mfu"] is None  # no known peak for a CPU
+    assert runs[0]["ratio_to_baseline"] == 1.0
