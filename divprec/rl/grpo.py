@@ -208,7 +208,9 @@ def run_grpo(
     from megatron.core import parallel_state
 
     if parallel_state.get_tensor_model_parallel_world_size() != 1:
-        raise NotImplementedError("run_grpo trains a single-process model (tensor parallel 1)")
+        raise ValueError(
+            "run_grpo trains a single-process model: load the checkpoint at tensor parallel 1"
+        )
     torch.manual_seed(cfg.seed)
     eval_problems = task.generate(cfg.eval_problems, "eval")
     train_problems = task.generate(cfg.steps * cfg.prompts_per_step, "train")
