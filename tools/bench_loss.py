@@ -30,7 +30,7 @@ for fp32, run only with ``inplace=True``); ``--memory-fraction`` sets the share 
 a case may plan to use.
 
 JSON (``--json PATH``): a list of cases, each with vocab, tokens, topk, tp, device, dtype,
-config, inplace, shaped_ms, megatron_ce_ms, time_ratio, shaped_peak_bytes,
+config, inplace, kernel (loss.kernel), shaped_ms, megatron_ce_ms, time_ratio, shaped_peak_bytes,
 megatron_ce_peak_bytes, memory_ratio, and also the CPU time (ms of user+sys time of the process;
 robust to other load for single-threaded runs), every repeat's wall time, the threads, the load
 average and the memory method. Skipped cases carry ``skipped`` (the reason) and null numbers.
@@ -130,7 +130,7 @@ def _shaped_impl(path: str | None):
     return module.vocab_parallel_shaped_loss
 
 
-def _loss_fn(name: str, group, impl: str | None = None):
+def _loss_fn(name: str, group, impl: str | None = None, kernel: str = "auto"):
     """(logits, target) -> fwd + bwd, for megatron-core's CE or a shaped variant key."""
     if name == "megatron_ce":
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -143,7 +143,7 @@ def _loss_fn(name: str, group, impl: str | None = None):
 
     shaped = _shaped_impl(impl)
     parts = name.split("-")  # shaped-k{topk}-{config}[-inplace]
-    cfg = ShapedLossConfig(topk=int(parts[1][1:]), **CONFIGS[parts[2]])
+    cfg = ShapedLossConfig(topk=int(parts[1][1:]), kernel=kernel, **CONFIGS[parts[2]])
     kwargs = {"inplace": True} if parts[-1] == "inplace" else {}
 
     def run(x, t):
@@ -247,7 +247,7 @@ def _measure(rank, world, spec: dict) -> dict:
         spec["vocab"], spec["tokens"], world, rank, spec["dtype"], device
     )
     names = spec["functions"]
-    fns = {name: _loss_fn(name, group, spec.get("impl")) for name in names}
+    fns = {name: _loss_fn(name, group, spec.get("impl"), spec["kernel"]) for name in names}
     out = {name: {"wall": [], "cpu": [], "peak": None} for name in names}
     for _ in range(spec["warmup"]):
         for name in names:
@@ -286,7 +286,7 @@ def _rss_worker(rank, world, spec: dict) -> int:
     group = dist.group.WORLD if world > 1 else None
     small = _make_inputs(128 * world, 8, world, rank, spec["dtype"], device)
     for warm in ("megatron_ce", "shaped-k1-ce"):
-        _timed_call(_loss_fn(warm, group), *small, device)
+        _timed_call(_loss_fn(warm, group, kernel=spec["kernel"]), *small, device)
     del small
     gc.collect()
     before = _rss_kib("VmRSS")
@@ -295,7 +295,7 @@ def _rss_worker(rank, world, spec: dict) -> int:
     )
     _fill(logits, block)
     del block
-    fn = _loss_fn(spec["function"], group, spec.get("impl"))
+    fn = _loss_fn(spec["function"], group, spec.get("impl"), spec["kernel"])
     x = logits.requires_grad_(True)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
@@ -424,6 +424,7 @@ def _run_group(g: Group, args) -> list[dict]:
         "memory": args.memory,
         "functions": ["megatron_ce"] + [v.key for v in run_variants],
         "impl": args.impl,
+        "kernel": args.kernel,
     }
     load_before = _load()
     t0 = time.perf_counter()
@@ -467,6 +468,7 @@ def _record(g, v, args, shaped, megatron, skipped, meta=None) -> dict:
         "repeats": args.repeats,
         "memory_method": args.memory,
         "impl": args.impl or "divprec",
+        "kernel": args.kernel,
         "skipped": skipped,
     }
     keys = ("shaped_ms", "megatron_ce_ms", "time_ratio", "shaped_cpu_ms", "megatron_ce_cpu_ms",
@@ -616,6 +618,12 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per tp>1 group")
     p.add_argument(
         "--quick", action="store_true", help="vocab 32768, 1024 tokens, topk 100, tp 1, 3 repeats"
+    )
+    p.add_argument(
+        "--kernel",
+        choices=("auto", "compiled", "eager"),
+        default="auto",
+        help="loss.kernel of the shaped loss: its passes compiled (torch.compile) or eager",
     )
     p.add_argument("--json", default=None, help="write the case records here")
     p.add_argument(

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 POSITIVE_FORMS = ("power", "product")
+KERNELS = ("auto", "compiled", "eager")
 
 
 @dataclass
@@ -19,6 +20,9 @@ class ShapedLossConfig:
     - ``tail_negative_reward``: reward of negatives outside K_t (the paper's lambda-hat); < 0
       suppresses the long tail.
     - ``positive_form``: "power", r = (1/pi)^((1-pi)^beta), or "product", r = (1-pi)^beta / pi.
+    - ``kernel``: how the loss's two passes over the logits run, not what they compute: "compiled"
+      (torch.compile: one fused loop each, C++ on CPU, Triton on CUDA), "eager" (plain torch ops),
+      or "auto" (compiled, falling back to eager with a warning when compilation fails).
 
     beta = 0 with both negative rewards 0 is exactly cross-entropy.
     """
@@ -28,6 +32,7 @@ class ShapedLossConfig:
     topk_negative_reward: float = 0.0
     tail_negative_reward: float = 0.0
     positive_form: str = "power"
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("beta", "topk_negative_reward", "tail_negative_reward"):
@@ -43,6 +48,11 @@ class ShapedLossConfig:
             raise ValueError(
                 f"loss.positive_form must be one of {', '.join(POSITIVE_FORMS)}, "
                 f"got {self.positive_form!r}"
+            )
+
+        if self.kernel not in KERNELS:
+            raise ValueError(
+                f"loss.kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}"
             )
 
     @property

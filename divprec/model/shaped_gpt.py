@@ -24,6 +24,10 @@ class ShapedGPTModel(GPTModel):
         self, labels: torch.Tensor, logits: torch.Tensor
     ) -> torch.Tensor:
         target = labels.transpose(0, 1)  # [b, s] -> [s, b]
-        loss, stats = vocab_parallel_shaped_loss(logits, target, self.loss_config)  # [s, b]
+        # inplace: fp32 logits become the loss's buffer (as megatron-core's cross-entropy does);
+        # nothing else reads them, and autograd's version check would catch it if it did.
+        loss, stats = vocab_parallel_shaped_loss(
+            logits, target, self.loss_config, inplace=True
+        )  # [s, b]
         packed = torch.stack([loss, *(stats[name] for name in STAT_NAMES)], dim=-1)  # [s, b, 6]
         return packed.transpose(0, 1)  # [b, s, 6]

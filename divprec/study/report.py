@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 REPORT = "report.json"
+RESULTS = "results.md"  # the tables of docs/study.md, generated from report.json
 # Keys of report.json (docs/study.md documents them; tests check them).
 REPORT_KEYS = ("study", "data", "settings", "claims", "timings", "plots", "environment")
 SETTING_KEYS = ("loss", "pretrain", "eval", "rl")
@@ -138,7 +139,7 @@ def check_claims(settings: dict[str, dict]) -> dict:
             "entropy": entropy, "holds": _order(entropy, ["diversity", "ce", "precision"])}  # fmt: skip
         claims[f"tail_penalty_less_tail_mass_than_ce/{src}"] = {
             "tail_mass": tail, "holds": _order(tail, ["ce", "tail_penalty"])}  # fmt: skip
-        if ppl:
+        if len(ppl) >= 2:
             low, high = min(ppl.values()), max(ppl.values())
             claims[f"perplexity_about_equal/{src}"] = {
                 "perplexity": ppl,
@@ -248,4 +249,68 @@ def build_report(study, *, ran_stages=(), invocation_seconds=None, plots: bool =
     tmp = study.dir / (REPORT + ".tmp")
     tmp.write_text(json.dumps(report, indent=1, default=list) + "\n")
     tmp.replace(study.dir / REPORT)
+    (study.dir / RESULTS).write_text(results_markdown(report))
     return report
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def results_markdown(report: dict) -> str:
+    """Markdown tables of a report: held-out statistics, Pass@k, the RL probe, the claims."""
+    settings = report["settings"]
+    out = []
+    for src in ("mixture", "code", "arith"):
+        rows = []
+        for s, entry in settings.items():
+            stats = ((entry.get("eval") or {}).get("heldout") or {}).get(src)
+            if stats:
+                rows.append([s, _fmt(stats.get("perplexity")), _fmt(stats.get("entropy")),
+                             _fmt(stats.get("topk_mass"), 4), _fmt(stats.get("tail_mass"), 4),
+                             _fmt(stats.get("target_rank"), 2),
+                             _fmt(stats.get("top1_accuracy"))])  # fmt: skip
+        if rows:
+            out.append(f"Held-out tokens, {src}:\n")
+            out.append(_table(["setting", "perplexity", "entropy", "top-100 mass", "tail mass",
+                               "target rank", "top-1 acc"], rows) + "\n")  # fmt: skip
+    rows = []
+    for s, entry in settings.items():
+        ev, rl = entry.get("eval") or {}, entry.get("rl") or {}
+        if not ev and not rl:
+            continue
+        passk = ev.get("pass_at_k") or {}
+        n = max(passk) if passk else None
+        first = (rl.get("first_eval") or {}).get("pass_at_k") or {}
+        last = (rl.get("last_eval") or {}).get("pass_at_k") or {}
+        kmax = max(last) if last else None
+        rows.append([
+            s,
+            _fmt(passk.get(1)), _fmt(passk.get(4)), _fmt(passk.get(n)), _fmt(ev.get("greedy_accuracy")),
+            f"{_fmt(first.get(1))} -> {_fmt(last.get(1))}",
+            f"{_fmt(first.get(kmax))} -> {_fmt(last.get(kmax))}",
+            f"{_fmt((rl.get('reward_mean') or {}).get('start'))} -> {_fmt((rl.get('reward_mean') or {}).get('end'))}",
+            f"{_fmt((rl.get('entropy') or {}).get('start'))} -> {_fmt((rl.get('entropy') or {}).get('end'))}",
+            f"{_fmt((rl.get('response_length') or {}).get('start'), 1)} -> {_fmt((rl.get('response_length') or {}).get('end'), 1)}",
+        ])  # fmt: skip
+    n_label = max((max(e["eval"]["pass_at_k"]) for e in settings.values()
+                   if (e.get("eval") or {}).get("pass_at_k")), default="n")  # fmt: skip
+    out.append("Pass@k after pre-training, and the RL probe (start -> end):\n")
+    out.append(_table(["setting", "pass@1", "pass@4", f"pass@{n_label}", "greedy",
+                       "RL pass@1", "RL pass@8", "RL reward", "RL entropy", "RL length"],
+                      rows) + "\n")  # fmt: skip
+    claims = [[name, _fmt(c.get("holds"))] for name, c in report["claims"].items() if "holds" in c]
+    out.append("Claims:\n")
+    out.append(_table(["claim", "holds"], claims) + "\n")
+    t = report["timings"]
+    out.append(f"Time: {_fmt(t.get('total_wall_s'), 0)} s wall, {_fmt(t.get('total_cpu_s'), 0)} s CPU "
+               "over the recorded stages.\n")  # fmt: skip
+    return "\n".join(out)

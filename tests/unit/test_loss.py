@@ -41,14 +41,16 @@ GRID = list(
 )
 
 
+@pytest.mark.parametrize("kernel", ["compiled", "eager"])
 @pytest.mark.parametrize(("form", "beta", "topk", "rewards"), GRID)
-def test_matches_float64_policy_gradient(form, beta, topk, rewards):
+def test_matches_float64_policy_gradient(form, beta, topk, rewards, kernel):
     cfg = ShapedLossConfig(
         beta=beta,
         topk=topk,
         topk_negative_reward=rewards[0],
         tail_negative_reward=rewards[1],
         positive_form=form,
+        kernel=kernel,
     )
     logits, target = make_case(seed=hash((form, beta, topk, rewards)) % 1000)
     loss, grad, stats = run(logits, target, cfg)
@@ -258,13 +260,20 @@ def test_block_path_matches_float64_policy_gradient(topk, rewards):
     logits, target = make_wide_case()
     loss, grad, stats = run(logits, target, cfg)
     assert_matches_reference(loss, grad, stats, logits, target, cfg)
-    # Both ways of holding K_t ran: indices (most rows) and the sign bit (the tied row 2).
+    assert_sign_bit_marks_k_t(logits, target, cfg)
+
+
+def assert_sign_bit_marks_k_t(logits, target, cfg):
+    """The saved buffer is -e exactly on K_t (z >= the k-th largest logit, ties included)."""
     z = logits.clone().requires_grad_(True)
-    ctx = shaped_loss(z, target, cfg)[0].grad_fn
-    (dense,) = ctx.dense_rows  # one chunk
-    assert 2 in dense.tolist()
-    if rewards[0] != rewards[1]:  # equal rewards: K_t needs no special gradient, nothing kept
-        assert sum(i.numel() for i in ctx.head_index if i is not None) >= 10 * topk
+    buf = shaped_loss(z, target, cfg)[0].grad_fn.saved_tensors[0].view_as(logits)
+    kth = torch.topk(logits.float(), cfg.topk, dim=-1).values[:, -1:]
+    expected = logits.float() >= kth
+    member = torch.signbit(buf)
+    rows = torch.arange(len(target))
+    expected[rows, target] = member[rows, target] = False  # the target's entry is set apart
+    assert torch.equal(member, expected)
+    return expected
 
 
 @pytest.mark.parametrize("topk", [1, 3, 20, 100])
@@ -276,14 +285,12 @@ def test_local_top_by_blocks_is_the_exact_top_k(topk):
     for z in (*rows, rows[0].bfloat16(), rows[1].bfloat16()):
         block = vp._block_size(z.shape[1], topk)
         assert block is not None
-        top = vp._local_top(z, topk, block)
+        row_max, values = vp._local_top(z, topk, block)
         expected = torch.topk(z.float(), topk, dim=-1).values
         torch.testing.assert_close(
-            top.values.sort(dim=-1, descending=True).values, expected, rtol=0, atol=0
+            values.sort(dim=-1, descending=True).values, expected, rtol=0, atol=0
         )
-        torch.testing.assert_close(top.row_max, expected[:, 0], rtol=0, atol=0)
-        if top.candidates is not None:  # the candidates' columns point at their logits
-            torch.testing.assert_close(z.gather(1, top.columns()), top.candidates, rtol=0, atol=0)
+        torch.testing.assert_close(row_max, expected[:, 0], rtol=0, atol=0)
 
 
 def test_bf16_ties_at_the_threshold_on_the_block_path():
@@ -295,9 +302,8 @@ def test_bf16_ties_at_the_threshold_on_the_block_path():
     z = logits.clone().requires_grad_(True)
     loss, stats = shaped_loss(z, target, cfg)
     loss.sum().backward()
-    # K_t is held by indices and has more than k members in some rows: ties were found.
-    assert loss.grad_fn.dense_rows == [None]
-    assert sum(i.numel() for i in loss.grad_fn.head_index) > 12 * 20
+    # K_t has more than k members in some rows: every tie was found.
+    assert assert_sign_bit_marks_k_t(logits, target, cfg).sum() > 12 * 20
     ref_loss, ref_grad, ref_stats = reference(logits.float(), target, cfg)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
@@ -308,17 +314,21 @@ def test_bf16_ties_at_the_threshold_on_the_block_path():
     )
 
 
+@pytest.mark.parametrize("kernel", ["compiled", "eager"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_chunks_in_threads_match_reference(monkeypatch, threads):
+@pytest.mark.parametrize("sub_chunk_rows", [1, 2, 32])
+def test_chunks_in_threads_match_reference(monkeypatch, threads, sub_chunk_rows, kernel):
     import divprec.loss.vocab_parallel as vp
 
-    monkeypatch.setattr(vp, "_CHUNK_ELEMENTS", WIDE * 3)  # 3 rows per chunk, 16 rows: 6 chunks
+    monkeypatch.setattr(vp, "_CHUNK_ELEMENTS", WIDE * 5)  # 5 rows per chunk, 16 rows: 4 chunks
+    monkeypatch.setattr(vp, "_SUB_CHUNK_ELEMENTS", WIDE * sub_chunk_rows)
+    monkeypatch.setattr(vp, "_COMPILED_SUB_CHUNK_ELEMENTS", WIDE * sub_chunk_rows)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         logits, target = make_wide_case()
         cfg = ShapedLossConfig(
-            beta=0.5, topk=5, topk_negative_reward=0.1, tail_negative_reward=-0.05
+            beta=0.5, topk=5, topk_negative_reward=0.1, tail_negative_reward=-0.05, kernel=kernel
         )
         loss, grad, stats = run(logits, target, cfg)
         assert torch.get_num_threads() == threads  # restored after the chunk threads
@@ -404,3 +414,32 @@ def test_cuda_matches_the_same_float64_reference(inplace):
         loss.sum().backward()
         stats = {k: v.cpu() for k, v in stats.items()}
         assert_matches_reference(loss.detach().cpu(), z.grad.cpu(), stats, logits, target, cfg)
+
+
+def test_auto_kernel_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
+    import divprec.loss.row_kernels as rk
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no C++ compiler found")
+
+        return compiled
+
+    monkeypatch.setattr(rk, "_COMPILED", {})
+    monkeypatch.setattr(rk, "_FAILED", set())
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    logits, target = make_case(rows=12)
+    cfg = ShapedLossConfig(beta=-0.25, topk=5, tail_negative_reward=-0.1)
+    with caplog.at_level("WARNING", logger=rk.__name__):
+        loss, grad, stats = run(logits, target, cfg)
+    assert "running it eagerly" in caplog.text and "loss.kernel=eager" in caplog.text
+    assert {"exp_and_row_sums", "scale_by_membership"} == rk._FAILED
+    assert_matches_reference(loss, grad, stats, logits, target, cfg)
+    with pytest.raises(RuntimeError, match="no C.. compiler"):  # "compiled" does not fall back
+        monkeypatch.setattr(rk, "_FAILED", set())
+        run(logits, target, ShapedLossConfig(topk=5, kernel="compiled"))
+
+
+def test_kernel_must_be_known():
+    with pytest.raises(ValueError, match="loss.kernel must be one of auto, compiled, eager"):
+        ShapedLossConfig(kernel="triton")

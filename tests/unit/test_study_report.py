@@ -138,6 +138,8 @@ def test_report_from_a_study_directory(tmp_path: Path) -> None:
     assert ce["rl"]["first_eval"] == {"step": 0, "pass_at_k": {1: 0.2, 4: 0.4}}
     assert ce["rl"]["last_eval"]["pass_at_k"][4] == 0.5
     assert report["timings"]["total_seconds"] == pytest.approx(3 + 3 * (10 + 5 + 7))
+    results = (tmp_path / "results.md").read_text()
+    assert "| precision | 0.250 |" in results and "| rl_precision_prior_helps | True |" in results
     for name in ("pretrain_entropy", "pass_at_k", "rl_curves", "rl_pass_at_k"):
         png = tmp_path / "plots" / f"{name}.png"
         assert f"plots/{name}.png" in report["plots"]
