@@ -4,6 +4,7 @@
     python tools/bench_loss.py --quick                               # one small case, 3 repeats
     python tools/bench_loss.py --cases 'v32768-t4096-k100-tp1-*' --threads 1 --repeats 5
     python tools/bench_loss.py --device cuda --dtype bf16 --tp 1     # on a GPU
+    python tools/bench_loss.py --threshold --json threshold.json     # top-k threshold methods
 
 Both functions get the same inputs in the same process: logits [tokens, vocab/tp] (standard
 normal times 2, the same rows on every run) and uniform random targets. A call is timed from the
@@ -535,6 +536,64 @@ def _free_megatron() -> None:
     gc.collect()
 
 
+# ----------------------------------------------------------------------------- threshold
+
+
+def _threshold_methods(topk: int) -> dict:
+    """Ways to get the row max and the k-th largest logit of a chunk [c, v], the loss's step 1."""
+    from divprec.loss import vocab_parallel as vp
+
+    def blocks(z):  # divprec's: block maxima give the max; top-k over the best blocks' logits
+        return vp._local_top(z, topk, vp._block_size(z.shape[1], topk))[1].amin(dim=-1)
+
+    def full_topk(z):  # torch.topk over the whole row, then the max from it
+        return torch.topk(z, topk, dim=-1, sorted=False).values.amin(dim=-1)
+
+    def kthvalue(z):  # selection of the (v-k+1)-th smallest, plus a separate max pass
+        return torch.kthvalue(z, z.shape[1] - topk + 1, dim=-1).values, z.amax(dim=-1)
+
+    def max_only(z):  # what cross-entropy needs: the max pass alone (the baseline)
+        return z.amax(dim=-1)
+
+    return {"row_max_only": max_only, "block_topk": blocks, "torch_topk": full_topk,
+            "kthvalue": kthvalue}  # fmt: skip
+
+
+def run_threshold(args) -> list[dict]:
+    """Time of step 1 (row max and top-k threshold) by each method, on the loss's row chunks."""
+    from divprec.loss import vocab_parallel as vp
+
+    records = []
+    for vocab in args.vocab:
+        for tokens in args.tokens:
+            logits, block, _ = _make_inputs(vocab, tokens, 1, 0, args.dtype[0], args.device)
+            _fill(logits, block)
+            step = vp._chunk_rows(vocab, logits.device, compiled=True)
+            for topk in args.topk:
+                times = {}
+                for name, fn in _threshold_methods(topk).items():
+                    wall = []
+                    for _ in range(args.warmup + args.repeats):
+                        _sync(args.device)
+                        t0 = time.perf_counter()
+                        for start in range(0, tokens, step):
+                            fn(logits[start : start + step])
+                        _sync(args.device)
+                        wall.append(time.perf_counter() - t0)
+                    times[name] = statistics.median(wall[args.warmup :]) * 1e3
+                for name, ms in times.items():
+                    records.append({
+                        "vocab": vocab, "tokens": tokens, "topk": topk, "device": args.device,
+                        "dtype": args.dtype[0], "method": name, "ms": ms,
+                        "ratio_to_row_max": ms / times["row_max_only"],
+                        "threads": torch.get_num_threads(),
+                    })  # fmt: skip
+                    print(f"v{vocab}-t{tokens}-k{topk} {name:14s} {ms:9.1f} ms "
+                          f"{ms / times['row_max_only']:6.2f}x the max pass", flush=True)  # fmt: skip
+            del logits, block
+    return records
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -625,6 +684,11 @@ def parse_args(argv=None):
         default="auto",
         help="loss.kernel of the shaped loss: its passes compiled (torch.compile) or eager",
     )
+    p.add_argument(
+        "--threshold",
+        action="store_true",
+        help="instead: time the ways to get the top-k threshold (tp 1, first dtype)",
+    )
     p.add_argument("--json", default=None, help="write the case records here")
     p.add_argument(
         "--impl",
@@ -652,6 +716,12 @@ def main(argv=None) -> int:
         f"threads {torch.get_num_threads()}, load {_load()}",
         flush=True,
     )
+    if args.threshold:
+        records = run_threshold(args)
+        if args.json:
+            _write_json(args.json, records, info)
+            print(f"\nwrote {args.json}")
+        return 0
     records: list[dict] = []
     threads = torch.get_num_threads()
     try:

@@ -22,7 +22,9 @@ class ShapedLossConfig:
     - ``positive_form``: "power", r = (1/pi)^((1-pi)^beta), or "product", r = (1-pi)^beta / pi.
     - ``kernel``: how the loss's two passes over the logits run, not what they compute: "compiled"
       (torch.compile: one fused loop each, C++ on CPU, Triton on CUDA), "eager" (plain torch ops),
-      or "auto" (compiled, falling back to eager with a warning when compilation fails).
+      or "auto" (compiled for calls of at least 2^22 logits per shard, where fusion pays for the
+      seconds of compilation, else eager; compiled falls back to eager with a warning when
+      compilation fails).
 
     beta = 0 with both negative rewards 0 is exactly cross-entropy.
     """

@@ -1,12 +1,12 @@
 """The two elementwise passes of the shaped loss over a chunk of rows, eager or compiled.
 
-Each function is one pass: it reads the chunk once and writes it once. Run eagerly it is a dozen
-torch ops; compiled (``torch.compile``: a C++/OpenMP loop on CPU, a Triton kernel on CUDA) it is
-one fused loop with every reduction in registers. Both are the same function, so the compiled
-kernel is the eager one by construction; the tests check both against the float64 reference.
+The forward's pass reads the chunk once and reduces it to a few sums per row; the backward's
+reads it once and writes the gradient. Run eagerly each is a dozen torch ops; compiled
+(``torch.compile``: a C++/OpenMP loop on CPU, a Triton kernel on CUDA) each is one fused loop
+with every reduction in registers. Both are the same function, so the compiled kernel is the
+eager one by construction; the tests check both against the float64 reference.
 
-K_t membership travels in the sign bit of the buffer (``-e`` for tokens in K_t), so the backward
-needs no mask and no index list.
+K_t membership is z >= tau, decided again where needed: no mask and no index list is kept.
 """
 
 from __future__ import annotations
@@ -21,33 +21,31 @@ from divprec.loss.config import KERNELS
 
 log = logging.getLogger(__name__)
 
-# Rows of the packed per-token sums written by exp_and_row_sums.
+# Rows of the packed per-token sums returned by row_sums.
 SUM_ROWS = ("others", "head_others", "xlogx_others", "xlogx_head", "target_rank")
 
 
-def exp_and_row_sums(
+def row_sums(
     z: torch.Tensor,
-    out: torch.Tensor,
     row_max: torch.Tensor,
     tau: torch.Tensor,
     target_logit: torch.Tensor,
     target_col: torch.Tensor,
 ) -> torch.Tensor:
-    """out = +-exp(z - max) (negative on K_t: z >= tau), the target's entry 0; returns sums [5, c].
+    """The forward's pass: per-row sums [5, c] over a chunk of rows; reads z, writes nothing else.
 
-    z [c, v] (fp32 or bf16), out [c, v] fp32 (must not alias z), row_max / tau / target_logit [c]
-    (tau and target_logit in z's dtype, exact), target_col [c] int64 (-1: not on this shard).
-    Sums exclude the target: sum e, sum_{K_t} e, sum e*d, sum_{K_t} e*d with d = z - max, and
-    #{a: z_a > z_x} (as float).
+    z [c, v] (fp32 or bf16), row_max [c] fp32, tau / target_logit [c] in z's dtype (exact),
+    target_col [c] int32 (-1: the target is not on this shard). With e = exp(z - max) and
+    d = z - max, the sums leave the target out: sum e, sum_{K_t} e, sum e*d, sum_{K_t} e*d (K_t:
+    z >= tau), and #{a: z_a > z_x} (as float).
     """
     d = z.float() - row_max[:, None]  # [c, v] fp32
-    cols = torch.arange(z.shape[1], device=z.device)
-    is_target = cols[None, :] == target_col[:, None]
-    e = torch.where(is_target, 0.0, torch.exp(d))
+    cols = torch.arange(z.shape[1], device=z.device, dtype=torch.int32)
+    e = torch.where(cols[None, :] == target_col[:, None], 0.0, torch.exp(d))
     # e * d with e = 0 is 0, also for d = -inf (a -inf logit), never NaN.
     xlogx = torch.where(e > 0.0, e * d, 0.0)
     head = z >= tau[:, None]
-    sums = torch.stack(
+    return torch.stack(
         [
             e.sum(dim=-1),
             torch.where(head, e, 0.0).sum(dim=-1),
@@ -56,20 +54,26 @@ def exp_and_row_sums(
             (z > target_logit[:, None]).float().sum(dim=-1),
         ]
     )  # [5, c]
-    out.copy_(torch.where(head, -e, e))
-    return sums
 
 
-def scale_by_membership(
-    b: torch.Tensor, out: torch.Tensor, head_scale: torch.Tensor, tail_scale: torch.Tensor
+def shaped_grad(
+    z: torch.Tensor,
+    out: torch.Tensor,
+    row_max: torch.Tensor,
+    tau: torch.Tensor,
+    head_scale: torch.Tensor,
+    tail_scale: torch.Tensor,
 ) -> None:
-    """out = |b| * (head_scale if b's sign bit is set else tail_scale), per row.
+    """The backward's pass: out = exp(z - max) * (head_scale on K_t, else tail_scale), per row.
 
-    b [c, v] fp32 as written by exp_and_row_sums; out [c, v] fp32 (must not alias b);
-    head_scale / tail_scale [c].
+    z [c, v] fp32 or bf16; out [c, v] in z's dtype, must not alias z; row_max, head_scale,
+    tail_scale [c] fp32; tau [c] in z's dtype. e is recomputed from z instead of being kept from
+    the forward: one read instead of a vocabulary-sized buffer written and read back. The
+    target's entries are set by the caller.
     """
-    member = torch.signbit(b)
-    out.copy_(torch.where(member, -b * head_scale[:, None], b * tail_scale[:, None]))
+    e = torch.exp(z.float() - row_max[:, None])  # [c, v] fp32
+    scale = torch.where(z >= tau[:, None], head_scale[:, None], tail_scale[:, None])
+    out.copy_((e * scale).to(out.dtype))
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -98,6 +102,19 @@ def _mark_failed(fn: Callable, error: Exception) -> None:
         type(error).__name__,
         str(error).splitlines()[0] if str(error) else "",
     )
+
+
+# "auto" compiles a call's passes only from this many logits on the shard up (16 MiB of fp32):
+# below it the eager ops cost less than the one-off compilation (seconds per process) is worth,
+# which keeps short runs and the test suite's toy models free of it.
+AUTO_MIN_ELEMENTS = 1 << 22
+
+
+def resolve(kernel: str, elements: int) -> str:
+    """The kernel a call runs: ``kernel`` (loss.kernel), with "auto" on a small call -> "eager"."""
+    if kernel == "auto" and elements < AUTO_MIN_ELEMENTS:
+        return "eager"
+    return kernel
 
 
 def use_compiled(kernel: str) -> bool:

@@ -11,25 +11,25 @@ of rows:
    all-reduce MAX  [n, 2]           (local max, target logit where owned else -inf)
 2. all-gather      [tp, n, k_local] (local top-k values) -> global k-th largest logit tau;
    a token a is in K_t iff z_a >= tau, decided locally (ties at tau are all in K_t).
-3. one pass (divprec.loss.row_kernels.exp_and_row_sums) writes b = +-exp(z - max) into one fp32
-   buffer, negative for K_t's members, and sums per row: e and e*d (d = z - max) over all tokens
-   and over K_t, and the target's rank; the target itself is left out of every sum.
+3. one read-only pass (divprec.loss.row_kernels.row_sums) sums per row e = exp(z - max) and
+   e*d (d = z - max) over all tokens and over K_t, and counts the target's rank; the target
+   itself is left out of every sum.
    all-reduce SUM  [6, n]           (the packed row sums and the target's e)
    (with tp = 1 steps 1-3 run back to back on each chunk, while it is in cache)
 4. per-token scalars (divprec.loss.rewards): loss, stats, backward coefficients.
 
-Backward: grad = pi * C - c, shard-local and in place over the saved buffer, no collectives: one
-pass (row_kernels.scale_by_membership) multiplies |b| by the head or tail scale by the sign bit;
-then the targets' entries. bf16 logits get their bf16 gradient written into the fp32 buffer's own
-storage.
+Backward: grad = pi * C - c, shard-local, no collectives: one pass (row_kernels.shaped_grad)
+recomputes e from the saved logits and writes e * (head or tail scale, by z >= tau); then the
+targets' entries. Recomputing e costs one exp per logit and saves writing and reading back a
+vocabulary-sized buffer.
 
 The two passes are compiled (``loss.kernel``: one fused loop each, C++ on CPU, Triton on CUDA) or
-run eagerly; the code and the results are the same. Passes write a per-thread chunk-sized
-workspace that is then copied into the buffer, because the buffer may be the logits themselves.
+run eagerly; the code and the results are the same.
 
-Memory: the only vocabulary-sized tensor kept for backward is the fp32 buffer (one copy of the
-shard; with ``inplace=True`` and fp32 logits, the logits themselves). Temporaries are per chunk
-of rows.
+Memory: nothing vocabulary-sized is allocated in the forward, and the logits themselves (not a
+copy) are saved for the backward. The backward allocates the gradient in the logits' dtype, or,
+with ``inplace=True`` and fp32 logits, writes it into the logits' storage (as megatron-core's
+cross-entropy does), through a per-thread sub-chunk workspace. Temporaries are per chunk of rows.
 """
 
 from __future__ import annotations
@@ -45,16 +45,18 @@ from divprec.loss import row_kernels
 from divprec.loss.config import ShapedLossConfig
 from divprec.loss.rewards import RowSums, shaped_rows
 
-# Rows are processed in chunks of about this many logits (8 MiB of fp32): on CPU a chunk is read
-# from memory once by the top-k step and then again from cache by the pass. On CUDA chunks are
-# larger (fewer kernel launches and host syncs); that value is a guess, not yet measured.
+# Rows are processed in chunks of about this many logits. Eager on CPU: 8 MiB of fp32, so that a
+# chunk's many small ops run from cache. Compiled on CPU: larger, because there the cost is per
+# call, not per cache miss (the best of 2^19..2^27 on a 2-core Xeon). On CUDA chunks are larger
+# still (fewer kernel launches and host syncs); that value is a guess, not yet measured.
 _CHUNK_ELEMENTS = 1 << 21
-# The pass over a chunk runs in sub-chunks of about this many logits on CPU, so that its workspace
-# stays in the core's cache (2 MiB L2 here) until it is copied into the buffer. Eager passes make
-# several sub-chunk-sized temporaries; a compiled pass makes none and pays a fixed cost per call.
-_SUB_CHUNK_ELEMENTS = 1 << 17
-_COMPILED_SUB_CHUNK_ELEMENTS = 1 << 19
+_COMPILED_CHUNK_ELEMENTS = 1 << 24
 _CUDA_CHUNK_ELEMENTS = 1 << 25
+# Eager passes run in sub-chunks of about this many logits on CPU: their several sub-chunk-sized
+# temporaries then stay in the core's cache (2 MiB L2 here). A compiled pass makes no
+# temporaries; only the backward's in-place workspace is sub-chunk-sized (4 MiB of fp32).
+_SUB_CHUNK_ELEMENTS = 1 << 17
+_COMPILED_SUB_CHUNK_ELEMENTS = 1 << 20
 # Block widths tried for the block-max top-k, widest first; a width must divide V/tp and leave at
 # least _MIN_BLOCKS_PER_K * k_local blocks, else the top-k is taken over the whole row.
 _BLOCK_SIZES = (32, 64, 16)
@@ -67,14 +69,17 @@ STAT_NAMES = ("nll", "entropy", "topk_mass", "target_prob", "target_rank")
 _TARGET_EXP = len(row_kernels.SUM_ROWS)
 
 
-def _chunk_rows(vocab: int, device: torch.device) -> int:
-    elements = _CUDA_CHUNK_ELEMENTS if device.type == "cuda" else _CHUNK_ELEMENTS
+def _chunk_rows(vocab: int, device: torch.device, compiled: bool) -> int:
+    if device.type == "cuda":
+        elements = _CUDA_CHUNK_ELEMENTS
+    else:
+        elements = _COMPILED_CHUNK_ELEMENTS if compiled else _CHUNK_ELEMENTS
     return max(1, elements // max(vocab, 1))
 
 
 def _sub_chunk_rows(vocab: int, device: torch.device, compiled: bool) -> int:
     if device.type == "cuda":
-        return _chunk_rows(vocab, device)
+        return _chunk_rows(vocab, device, compiled)
     elements = _COMPILED_SUB_CHUNK_ELEMENTS if compiled else _SUB_CHUNK_ELEMENTS
     return max(1, elements // max(vocab, 1))
 
@@ -187,47 +192,44 @@ def _global_threshold(
 
 
 class _Passes:
-    """Runs a row_kernels pass over the sub-chunks of a chunk of rows, through a workspace."""
+    """Runs the row_kernels passes over the sub-chunks of a chunk of rows."""
 
-    def __init__(self, vocab: int, device: torch.device, kernel: str, aliased: bool) -> None:
-        self.vocab, self.device, self.kernel, self.aliased = vocab, device, kernel, aliased
-        self.sub_rows = _sub_chunk_rows(vocab, device, row_kernels.use_compiled(kernel))
+    def __init__(self, vocab: int, device: torch.device, kernel: str) -> None:
+        self.vocab, self.device, self.kernel = vocab, device, kernel
+        self.compiled = row_kernels.use_compiled(kernel)
+        self.sub_rows = _sub_chunk_rows(vocab, device, self.compiled)
         self.local = threading.local()  # one sub-chunk-sized workspace per thread
 
-    def out(self, target: torch.Tensor, aliased: bool) -> torch.Tensor:
-        """Where a pass writes: target itself, or a workspace when the pass also reads target."""
-        if not aliased:
-            return target
+    def workspace(self, rows: int, dtype: torch.dtype) -> torch.Tensor:
         work = getattr(self.local, "work", None)
-        if work is None:
-            work = torch.empty((self.sub_rows, self.vocab), dtype=torch.float32, device=self.device)
+        if work is None or work.dtype != dtype:
+            work = torch.empty((self.sub_rows, self.vocab), dtype=dtype, device=self.device)
             self.local.work = work
-        return work[: target.shape[0]]
+        return work[:rows]
 
     def sub_chunks(self, rows: slice) -> Iterator[slice]:
         for start in range(rows.start, rows.stop, self.sub_rows):
             yield slice(start, min(start + self.sub_rows, rows.stop))
 
-    def forward(self, z, buf, sums, row_max, tau, target_logit, target_col, rows: slice) -> None:
-        """buf[rows] = +-e and sums[:5, rows] (row_kernels.exp_and_row_sums)."""
-        for r in self.sub_chunks(rows):
-            out = self.out(buf[r], self.aliased)
+    def forward(self, z, sums, row_max, tau, target_logit, target_col, rows: slice) -> None:
+        """sums[:5, rows] (row_kernels.row_sums); compiled, in one call (it makes no temporaries)."""
+        for r in [rows] if self.compiled else self.sub_chunks(rows):
             sums[:_TARGET_EXP, r] = row_kernels.run(
-                row_kernels.exp_and_row_sums, self.kernel,
-                z[r], out, row_max[r], tau[r], target_logit[r], target_col[r],
+                row_kernels.row_sums, self.kernel,
+                z[r], row_max[r], tau[r], target_logit[r], target_col[r],
             )  # fmt: skip
-            if out.data_ptr() != buf[r].data_ptr():
-                buf[r].copy_(out)
 
-    def backward(self, buf, head_scale, tail_scale, rows: slice) -> None:
-        """buf[rows] = |buf| * (head or tail scale) in place (row_kernels.scale_by_membership)."""
+    def backward(self, z, grad, row_max, tau, head_scale, tail_scale, rows: slice) -> None:
+        """grad[rows] (row_kernels.shaped_grad); grad may be z itself (then via the workspace)."""
+        aliased = grad.data_ptr() == z.data_ptr()
         for r in self.sub_chunks(rows):
-            b = buf[r]
-            out = self.out(b, aliased=True)
+            out = self.workspace(r.stop - r.start, grad.dtype) if aliased else grad[r]
             row_kernels.run(
-                row_kernels.scale_by_membership, self.kernel, b, out, head_scale[r], tail_scale[r]
-            )
-            b.copy_(out)
+                row_kernels.shaped_grad, self.kernel,
+                z[r], out, row_max[r], tau[r], head_scale[r], tail_scale[r],
+            )  # fmt: skip
+            if aliased:
+                grad[r].copy_(out)
 
 
 class _VocabParallelShapedLoss(torch.autograd.Function):
@@ -256,24 +258,22 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
             )
         n = z.shape[0]
         dev = z.device
-        compiled = row_kernels.use_compiled(cfg.kernel)
+        kernel = row_kernels.resolve(cfg.kernel, z.numel())
+        compiled = row_kernels.use_compiled(kernel)
 
         # Which rows' targets live on this shard, and where (-1: elsewhere).
         local_target = tgt - rank * local_vocab
         owned = (local_target >= 0) & (local_target < local_vocab)
         owned_rows = owned.nonzero(as_tuple=True)[0]
         owned_cols = local_target[owned_rows]
-        target_col = torch.where(owned, local_target, -1)
+        target_col = torch.where(owned, local_target, -1).int()
 
         k_local = min(cfg.topk, local_vocab)
         block = _block_size(local_vocab, k_local)
-        # The buffer: the logits themselves when allowed (inplace) or when z is our own copy.
-        aliased = z.dtype == torch.float32 and (inplace or private)
-        buf = z if aliased else torch.empty((n, local_vocab), dtype=torch.float32, device=dev)
         # Row sums, one row per quantity: row_kernels.SUM_ROWS, then the target's e.
         sums = torch.zeros((_TARGET_EXP + 1, n), dtype=torch.float32, device=dev)
-        passes = _Passes(local_vocab, dev, cfg.kernel, aliased)
-        step = _chunk_rows(local_vocab, dev)
+        passes = _Passes(local_vocab, dev, kernel)
+        step = _chunk_rows(local_vocab, dev, compiled)
 
         if world == 1:
             # Steps 1-3 back to back on each chunk.
@@ -288,7 +288,7 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
                 row_max[rows], values = _local_top(z[rows], k_local, block)
                 tau[rows] = values.amin(dim=-1)
                 tau_z[rows] = tau[rows].to(z.dtype)  # exact: tau is one of the logits
-                passes.forward(z, buf, sums, row_max, tau_z, z_target, target_col, rows)
+                passes.forward(z, sums, row_max, tau_z, z_target, target_col, rows)
 
             _for_each_chunk(n, step, dev, fused, threads=not compiled)
         else:
@@ -311,10 +311,9 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
             # 3. the pass.
             _for_each_chunk(
                 n, step, dev,
-                lambda rows: passes.forward(z, buf, sums, row_max, tau_z, z_target, target_col, rows),
+                lambda rows: passes.forward(z, sums, row_max, tau_z, z_target, target_col, rows),
                 threads=not compiled,
             )  # fmt: skip
-        passes.local = threading.local()  # frees this thread's workspace
         # The target's e, from the owning rank (the pass above left it out of every sum).
         sums[_TARGET_EXP, owned_rows] = torch.exp(target_logit[owned_rows] - row_max[owned_rows])
         # Row sums and the target's exp, in one all-reduce SUM.
@@ -336,20 +335,15 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
             ),
             cfg,
         )
-        # A view made here of the logits cannot be saved (autograd forbids views created in no-grad
-        # mode that are modified in place); save the logits themselves and view them in backward.
-        saved_buf = (
-            logits
-            if buf.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
-            else buf
-        )
+        # The logits themselves are saved (a private contiguous copy only if they were strided);
+        # the backward writes the gradient into them when that is allowed.
         ctx.save_for_backward(
-            saved_buf, owned_rows, owned_cols, rows_out.head_scale, rows_out.tail_scale,
-            rows_out.target_grad,
+            z if private else logits, row_max, tau_z, owned_rows, owned_cols,
+            rows_out.head_scale, rows_out.tail_scale, rows_out.target_grad,
         )  # fmt: skip
-        ctx.step, ctx.kernel = step, cfg.kernel
+        ctx.overwrite = private or (inplace and z.dtype == torch.float32)
+        ctx.step, ctx.kernel = step, kernel
         ctx.input_shape = logits.shape
-        ctx.input_dtype = logits.dtype
         outputs = (
             rows_out.loss,
             rows_out.nll,
@@ -364,37 +358,24 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):  # type: ignore[override]
-        buf, owned_rows, owned_cols, head_scale, tail_scale, target_grad = ctx.saved_tensors
+        saved, row_max, tau_z, owned_rows, owned_cols, head_scale, tail_scale, target_grad = (
+            ctx.saved_tensors
+        )
         local_vocab = ctx.input_shape[-1]
-        buf = buf.view(-1, local_vocab)  # [n, v/tp] (the saved logits themselves when inplace)
+        z = saved.view(-1, local_vocab)  # [n, v/tp]
         g = grad_loss.reshape(-1).float()  # [n]
         head_scale = (head_scale * g).contiguous()
         tail_scale = (tail_scale * g).contiguous()
-        passes = _Passes(local_vocab, buf.device, ctx.kernel, aliased=True)
+        grad = z if ctx.overwrite else torch.empty_like(z)
+        passes = _Passes(local_vocab, z.device, ctx.kernel)
         _for_each_chunk(
-            buf.shape[0], ctx.step, buf.device,
-            lambda rows: passes.backward(buf, head_scale, tail_scale, rows),
+            z.shape[0], ctx.step, z.device,
+            lambda rows: passes.backward(z, grad, row_max, tau_z, head_scale, tail_scale, rows),
             threads=not row_kernels.use_compiled(ctx.kernel),
         )  # fmt: skip
-        passes.local = threading.local()
-        buf[owned_rows, owned_cols] = target_grad[owned_rows] * g[owned_rows]
-        if ctx.input_dtype != torch.float32:
-            buf = _narrow_in_place(buf, ctx.input_dtype, ctx.step)
-        return buf.view(ctx.input_shape), None, None, None, None
-
-
-def _narrow_in_place(buf: torch.Tensor, dtype: torch.dtype, step: int) -> torch.Tensor:
-    """buf [n, v] fp32 converted to a 16-bit dtype inside its own storage (no second tensor).
-
-    Row r of the result occupies the bytes of fp32 rows r/2 .. (r+1)/2, which a chunk ending at
-    row b has already read when it writes rows below b: each chunk is converted into a temporary
-    first. The result is a view of buf's storage (the first half of it).
-    """
-    n, vocab = buf.shape
-    out = buf.view(-1).view(dtype)[: n * vocab].view(n, vocab)
-    for rows in _row_chunks(n, step):
-        out[rows] = buf[rows].to(dtype)
-    return out
+        passes.local = threading.local()  # frees this thread's workspace
+        grad[owned_rows, owned_cols] = (target_grad[owned_rows] * g[owned_rows]).to(grad.dtype)
+        return grad.view(ctx.input_shape), None, None, None, None
 
 
 def _default_tp_group() -> dist.ProcessGroup | None:
@@ -427,13 +408,12 @@ def vocab_parallel_shaped_loss(
         cfg: the rewards.
         tp_group: the tensor-parallel group; None means megatron-core's when it is initialised,
             else no parallelism.
-        inplace: with fp32 logits, use their storage as the loss's fp32 buffer instead of
-            allocating one, as megatron-core's ``vocab_parallel_cross_entropy`` does: peak memory
-            drops by one shard-sized fp32 tensor, the logits are overwritten (with exp(z - max),
-            then the gradient, which the backward returns in that same storage), and nothing else
-            may read them after this call. An op that saved the logits for its own backward then
-            fails loudly (autograd's version check). No effect on bf16 logits (the fp32 buffer
-            cannot live in a bf16 tensor). Results are identical either way.
+        inplace: with fp32 logits, the backward writes the gradient into the logits' storage
+            instead of allocating it, as megatron-core's ``vocab_parallel_cross_entropy`` does:
+            peak memory drops by one shard-sized tensor, and nothing else may read the logits
+            after the backward. An op that saved the logits for its own backward then fails
+            loudly (autograd's version check). No effect on bf16 logits. The forward never
+            modifies the logits, and results are identical either way.
 
     Returns:
         ``(loss, stats)``: loss ``[...]`` fp32, identical on every rank; stats a dict of detached

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from loss_reference import reference, relative_error
@@ -186,14 +188,20 @@ def _wide_worker(rank: int, world: int) -> dict:
     out = {}
     for name, cfg, logits, target in _wide_cases():
         assert vp._block_size(WIDE // world, cfg.topk) is not None, name
-        for inplace in (False, True):
+        for inplace, kernel in KERNEL_VARIANTS:
             z = _shard(logits, rank, world).requires_grad_(True)
             loss, stats = vocab_parallel_shaped_loss(
-                z, target, cfg, tp_group=group, inplace=inplace
+                z, target, replace(cfg, kernel=kernel), tp_group=group, inplace=inplace
             )
             loss.sum().backward()
-            out[name, inplace] = (loss.detach(), z.grad, {k: v.clone() for k, v in stats.items()})
+            out[name, inplace, kernel] = (
+                loss.detach(), z.grad, {k: v.clone() for k, v in stats.items()}
+            )  # fmt: skip
     return out
+
+
+# (inplace, loss.kernel): both kernels, the compiled one also writing into the logits.
+KERNEL_VARIANTS = ((False, "eager"), (True, "eager"), (True, "compiled"))
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -203,14 +211,15 @@ def test_block_path_vocab_parallel_equals_single_process(world):
         z = logits.clone().requires_grad_(True)
         loss, stats = shaped_loss(z, target, cfg)
         loss.sum().backward()
-        for inplace in (False, True):
-            grad = torch.cat([results[r][name, inplace][1] for r in range(world)], dim=-1)
+        for variant in KERNEL_VARIANTS:
+            grad = torch.cat([results[r][(name, *variant)][1] for r in range(world)], dim=-1)
             for rank in range(world):
-                rank_loss, _, rank_stats = results[rank][name, inplace]
-                torch.testing.assert_close(rank_loss, loss.detach(), rtol=1e-6, atol=1e-6)
+                # Sums over 4096 fp32 terms in another order (shards, kernels): ~1e-6 relative.
+                rank_loss, _, rank_stats = results[rank][(name, *variant)]
+                torch.testing.assert_close(rank_loss, loss.detach(), rtol=1e-5, atol=1e-6)
                 for stat in STAT_NAMES:
                     torch.testing.assert_close(
-                        rank_stats[stat], stats[stat], rtol=1e-6, atol=1e-6, msg=f"{name} {stat}"
+                        rank_stats[stat], stats[stat], rtol=1e-5, atol=1e-6, msg=f"{name} {stat}"
                     )
             # bf16 gradients: fp32 sums in another order may round to the neighbouring bf16.
             rtol = 1e-5 if logits.dtype == torch.float32 else 1e-2

@@ -73,6 +73,27 @@ def test_bench_loss_skips_what_does_not_fit(tmp_path, capsys):
     assert "needs ~" in capsys.readouterr().out
 
 
+def test_bench_loss_threshold_methods(tmp_path):
+    out = tmp_path / "threshold.json"
+    bench = _load("bench_loss")
+    args = ["--threshold", "--vocab", "2048", "--tokens", "32", "--topk", "1", "50"]
+    assert bench.main([*args, "--repeats", "1", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    methods = {"row_max_only", "block_topk", "torch_topk", "kthvalue"}
+    assert {(r["topk"], r["method"]) for r in records} == {(k, m) for k in (1, 50) for m in methods}
+    for r in records:
+        assert _positive(r["ms"]) and _positive(r["ratio_to_row_max"])
+    # every method computes the same threshold
+    import torch
+
+    z = torch.randn(32, 2048)
+    fns = bench._threshold_methods(50)
+    expected = torch.topk(z, 50, dim=-1).values[:, -1]
+    for name in ("block_topk", "torch_topk"):
+        torch.testing.assert_close(fns[name](z), expected, rtol=0, atol=0)
+    torch.testing.assert_close(fns["kthvalue"](z)[0], expected, rtol=0, atol=0)
+
+
 def test_bench_train_json(tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "train.json"
