@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from compile_support import KERNELS
 from loss_reference import reference, relative_error
 
 from divprec.loss import STAT_NAMES, ShapedLossConfig, shaped_loss
@@ -42,7 +43,7 @@ GRID = list(
 )
 
 
-@pytest.mark.parametrize("kernel", ["compiled", "eager"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize(("form", "beta", "topk", "rewards"), GRID)
 def test_matches_float64_policy_gradient(form, beta, topk, rewards, kernel):
     cfg = ShapedLossConfig(
@@ -321,7 +322,7 @@ def test_bf16_ties_at_the_threshold_on_the_block_path():
     )
 
 
-@pytest.mark.parametrize("kernel", ["compiled", "eager"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("sub_chunk_rows", [1, 2, 32])
 def test_chunks_in_threads_match_reference(monkeypatch, threads, sub_chunk_rows, kernel):
@@ -394,7 +395,7 @@ def test_inplace_fails_loudly_when_the_logits_are_needed_elsewhere():
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 3, 100])
-@pytest.mark.parametrize("kernel", ["compiled", "eager"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_bf16_gradient_is_the_fp32_gradient_rounded(monkeypatch, chunk_rows, kernel):
     import divprec.loss.vocab_parallel as vp
 
@@ -418,9 +419,13 @@ def test_bf16_gradient_is_the_fp32_gradient_rounded(monkeypatch, chunk_rows, ker
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("inplace", [False, True])
-def test_cuda_matches_the_same_float64_reference(inplace):
-    # The CUDA path (larger chunks, no chunk threads) against the reference the CPU tests use.
-    cfg = ShapedLossConfig(beta=-0.25, topk=5, topk_negative_reward=0.2, tail_negative_reward=-0.1)
+@pytest.mark.parametrize("kernel", ["compiled", "eager"])
+def test_cuda_matches_the_same_float64_reference(inplace, kernel):
+    # The CUDA path (Triton kernels when compiled, larger chunks, no chunk threads) against the
+    # reference the CPU tests use.
+    cfg = ShapedLossConfig(
+        beta=-0.25, topk=5, topk_negative_reward=0.2, tail_negative_reward=-0.1, kernel=kernel
+    )
     for logits, target in (make_case(rows=12), make_wide_case()):
         z = logits.cuda().requires_grad_(True)
         loss, stats = shaped_loss(z, target.cuda(), cfg, inplace=inplace)
