@@ -89,6 +89,11 @@ def _compiled(fn: Callable) -> Callable | None:
         if name not in _COMPILED:
             # dynamic: the last chunk of rows and other batch shapes reuse one kernel.
             _COMPILED[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+            log.info(
+                "the shaped loss's %s is compiled at its first call (seconds, once per process; "
+                "loss.kernel=eager skips it)",
+                name,
+            )
         return _COMPILED[name]
 
 
