@@ -51,17 +51,24 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_pretrain(report: dict, path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    """Entropy and LM loss over pre-training; the middle panel zooms on the entropy after the
+    first sixth of the steps, where the settings differ by a few percent and the EMA no longer
+    lags the steep start."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for setting, entry in report["settings"].items():
         curves = (entry.get("pretrain") or {}).get("curves") or {}
         steps = curves.get("step") or []
         if not steps:
             continue
-        for ax, key in zip(axes, ("entropy", "lm_loss"), strict=True):
+        for ax, key in ((axes[0], "entropy"), (axes[2], "lm_loss")):
             ax.plot(steps, curves[key], color=_color(setting), alpha=0.15, lw=0.8)
             ax.plot(steps, _ema(curves[key]), color=_color(setting), lw=1.5, label=setting)
+        start = next((i for i, s in enumerate(steps) if s >= steps[-1] / 6), 0)
+        smooth = _ema(curves["entropy"])
+        axes[1].plot(steps[start:], smooth[start:], color=_color(setting), lw=1.5)
     axes[0].set(title="token entropy (training batches)", xlabel="step", ylabel="nats")
-    axes[1].set(title="LM loss (cross-entropy)", xlabel="step", ylabel="nats")
+    axes[1].set(title="token entropy, later steps (EMA)", xlabel="step", ylabel="nats")
+    axes[2].set(title="LM loss (cross-entropy)", xlabel="step", ylabel="nats")
     axes[0].legend(fontsize=8)
     return _save(fig, path)
 
