@@ -20,6 +20,23 @@ class StageError(RuntimeError):
     """A stage's process failed; the message ends with the tail of its output."""
 
 
+# A stage is a world of one: it must not join the rendezvous of the process that started it
+# (whose MASTER_PORT may still be held, e.g. by a test's process group).
+_RENDEZVOUS_VARS = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+)
+
+
+def _stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS}
+    return {**env, **(extra or {})}
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -40,7 +57,7 @@ def run_command(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            list(argv), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            list(argv), stdout=log, stderr=subprocess.STDOUT, env=_stage_env(env)
         )
         try:
             while proc.poll() is None:
@@ -63,6 +80,8 @@ def run_command(
 
 
 def _child(fn: Callable[..., Any], args: tuple, result_path: str, log_path: str) -> None:
+    for name in _RENDEZVOUS_VARS:  # spawned children inherit the parent's environment
+        os.environ.pop(name, None)
     # Everything this process prints goes to the stage's log, not over the study's progress bar.
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
