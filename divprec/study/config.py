@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 
+from divprec.rl.grpo import GRPOConfig
 from divprec.study.data import DataSpec
 
 # The paper's five settings = the conf/loss presets (docs/study.md).
@@ -39,33 +40,29 @@ class EvalSpec:
     greedy: bool = True
 
 
-@dataclass(frozen=True)
-class RLSpec:
-    """The GRPO probe (keyword arguments of divprec.rl.grpo.GRPOConfig; seed: the study's)."""
-
-    steps: int = 40
-    prompts_per_step: int = 16
-    samples_per_prompt: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 40
-    # The paper's RL lr is its pre-training lr / 300 (1e-6 vs 3e-4); that ratio gives 1e-5 here,
-    # which moves nothing in 40 steps (the paper ran 1000), so the probe uses 1e-4.
-    lr: float = 1e-4
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    dynamic_sampling: bool = True
-    eval_every: int = 20
-    eval_problems: int = 64
-    eval_samples: int = 8
-    pass_ks: tuple[int, ...] = (1, 2, 4, 8)
-    eval_temperature: float = 0.7  # the pre-training Pass@k's sampling settings
-    eval_top_p: float = 0.95
-    sample_batch_size: int = 128
-    micro_batch_size: int = 32
-
-    def grpo_kwargs(self, seed: int) -> dict:
-        return {**asdict(self), "pass_ks": tuple(self.pass_ks), "seed": seed}
+def study_rl(**changes) -> GRPOConfig:
+    """The study's GRPO probe: divprec.rl.grpo.GRPOConfig with the study's sizes (its ``seed`` is
+    replaced by the study's when the probe runs)."""
+    probe = GRPOConfig(
+        steps=40,
+        prompts_per_step=16,
+        samples_per_prompt=8,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=40,
+        # The paper's RL lr is its pre-training lr / 300 (1e-6 vs 3e-4); that ratio gives 1e-5
+        # here, which moves nothing in 40 steps (the paper ran 1000), so the probe uses 1e-4.
+        lr=1e-4,
+        eval_every=20,
+        eval_problems=64,
+        eval_samples=8,
+        pass_ks=(1, 2, 4, 8),
+        eval_temperature=0.7,  # the pre-training Pass@k's sampling settings
+        eval_top_p=0.95,
+        sample_batch_size=128,
+        micro_batch_size=32,
+    )
+    return replace(probe, **changes)
 
 
 @dataclass(frozen=True)
@@ -80,7 +77,7 @@ class StudyConfig:
     train_overrides: tuple[str, ...] = ()
     data: DataSpec = field(default_factory=DataSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
-    rl: RLSpec = field(default_factory=RLSpec)
+    rl: GRPOConfig = field(default_factory=study_rl)
     run_rl: bool = True
     torch_threads: int | None = None  # evaluation / RL processes; None: torch's default
 
@@ -123,7 +120,7 @@ def quick_config(**changes) -> StudyConfig:
         ),
         data=DataSpec(arith_problems=2000, stdlib_max_files=150),
         eval=EvalSpec(heldout_samples=8, problems=8, samples=4, max_new_tokens=24, batch_size=32),
-        rl=RLSpec(
+        rl=study_rl(
             steps=2,
             prompts_per_step=2,
             samples_per_prompt=4,

@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from divprec.study.config import EvalSpec, RLSpec
+from divprec.study.config import EvalSpec
 from divprec.study.data import DataSpec, make_task
 
 
@@ -151,7 +151,7 @@ def rl_probe(
     from divprec.rl.grpo import GRPOConfig, run_grpo
 
     start = time.perf_counter()
-    spec = RLSpec(**{**rl_spec, "pass_ks": tuple(rl_spec["pass_ks"])})
+    probe = GRPOConfig(**{**rl_spec, "pass_ks": tuple(rl_spec["pass_ks"]), "seed": seed})
     em = load_eval_model(run_dir)
     progress = Path(progress_path)
     progress.unlink(missing_ok=True)
@@ -160,9 +160,7 @@ def rl_probe(
         with open(progress, "a") as f:
             f.write(json.dumps(record, default=float) + "\n")
 
-    history = run_grpo(
-        em, make_task(DataSpec(**data_spec)), GRPOConfig(**spec.grpo_kwargs(seed)), on_step=on_step
-    )
+    history = run_grpo(em, make_task(DataSpec(**data_spec)), probe, on_step=on_step)
     return {
         "checkpoint_step": em.step,
         "history": history,

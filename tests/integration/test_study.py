@@ -5,11 +5,10 @@ skips every finished stage."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 
-from divprec.study.config import EvalSpec, RLSpec, quick_config
+from divprec.study.config import EvalSpec, quick_config, study_rl
 from divprec.study.data import DataSpec
 from divprec.study.report import REPORT_KEYS, SETTING_KEYS
 from divprec.study.runner import run_study
@@ -33,8 +32,7 @@ def micro_config():
         ),
         data=DataSpec(arith_problems=300, stdlib_max_files=30),
         eval=EvalSpec(heldout_samples=4, problems=3, samples=2, max_new_tokens=8, batch_size=8),
-        rl=replace(
-            RLSpec(),
+        rl=study_rl(
             steps=1,
             prompts_per_step=2,
             samples_per_prompt=2,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from toy_model import TOY_MODEL
 
 from divprec.config.compose import compose_config
 from divprec.data.tokenizer import Tokenizer, train_tokenizer
@@ -19,14 +20,6 @@ from divprec.eval.sampling import sample
 from divprec.eval.synthetic import ArithmeticTask, write_training_jsonl
 from divprec.parallel.spawn import run_in_processes
 
-TINY = [
-    "train.seq_length=64",
-    "model.num_layers=2",
-    "model.hidden_size=64",
-    "model.ffn_hidden_size=128",
-    "model.num_attention_heads=4",
-    "model.num_query_groups=2",
-]
 VOCAB_ROWS = 512  # padded vocabulary that splits over tp = 1 and tp = 2 alike
 
 
@@ -45,7 +38,7 @@ def em(tokenizer_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: a second thread only adds synchronisation
     model = build_eval_model(
-        compose_config(TINY), Tokenizer.from_file(tokenizer_path), vocab_size=VOCAB_ROWS
+        compose_config(TOY_MODEL), Tokenizer.from_file(tokenizer_path), vocab_size=VOCAB_ROWS
     )
     yield model
     shutdown_distributed()
@@ -232,7 +225,7 @@ def _layout_samples(rank: int, world: int, tokenizer_path: str) -> dict:
             parallel_state.destroy_model_parallel()
         init_distributed(ParallelConfig(tensor=tp), seed=0)
         em = build_eval_model(
-            compose_config(TINY), Tokenizer.from_file(tokenizer_path), vocab_size=VOCAB_ROWS
+            compose_config(TOY_MODEL), Tokenizer.from_file(tokenizer_path), vocab_size=VOCAB_ROWS
         )
         greedy = sample(em, prompts, 1, temperature=0.0, max_new_tokens=20, return_details=True)
         seeded = sample(em, prompts, 3, max_new_tokens=20, seed=4, top_p=0.9, return_details=True)

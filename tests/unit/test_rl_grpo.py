@@ -6,20 +6,12 @@ import math
 
 import pytest
 import torch
+from toy_model import TOY_MODEL
 
 from divprec.config.compose import compose_config
 from divprec.data.tokenizer import Tokenizer, train_tokenizer
 from divprec.eval.synthetic import ArithmeticTask, write_training_jsonl
 from divprec.rl.objective import clipped_policy_loss, group_advantages, informative_groups
-
-TINY = [
-    "train.seq_length=64",
-    "model.num_layers=2",
-    "model.hidden_size=64",
-    "model.ffn_hidden_size=128",
-    "model.num_attention_heads=4",
-    "model.num_query_groups=2",
-]
 
 # --- the objective -----------------------------------------------------------------------------
 
@@ -106,7 +98,7 @@ def em(tmp_path_factory):
     path = train_tokenizer([write_training_jsonl(root / "a.jsonl", 400)], root / "tok", 320)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield build_eval_model(compose_config(TINY), Tokenizer.from_file(path))
+    yield build_eval_model(compose_config(TOY_MODEL), Tokenizer.from_file(path))
     shutdown_distributed()
     torch.set_num_threads(threads)
 
