@@ -539,9 +539,20 @@ def _free_megatron() -> None:
 # ----------------------------------------------------------------------------- threshold
 
 
-def _threshold_methods(topk: int) -> dict:
+def _threshold_methods(topk: int, device: str = "cpu") -> dict:
     """Ways to get the row max and the k-th largest logit of a chunk [c, v], the loss's step 1."""
+    from divprec.loss import native_select
     from divprec.loss import vocab_parallel as vp
+
+    def native(z):  # divprec's on CPU (loss.kernel compiled/auto): the C kernel, chunks in threads
+        tau = torch.empty(z.shape[0])
+
+        def rows(r):
+            tau[r] = native_select.block_topk(z[r], topk)[1].amin(dim=-1)
+
+        vp._for_each_chunk(z.shape[0], vp._chunk_rows(z.shape[1], z.device, compiled=False),
+                           z.device, rows, threads=True)  # fmt: skip
+        return tau
 
     def blocks(z):  # divprec's: block maxima give the max; top-k over the best blocks' logits
         return vp._local_top(z, topk, vp._block_size(z.shape[1], topk))[1].amin(dim=-1)
@@ -555,8 +566,11 @@ def _threshold_methods(topk: int) -> dict:
     def max_only(z):  # what cross-entropy needs: the max pass alone (the baseline)
         return z.amax(dim=-1)
 
-    return {"row_max_only": max_only, "block_topk": blocks, "torch_topk": full_topk,
-            "kthvalue": kthvalue}  # fmt: skip
+    methods = {"row_max_only": max_only, "block_topk": blocks, "torch_topk": full_topk,
+               "kthvalue": kthvalue}  # fmt: skip
+    if device == "cpu" and native_select.usable("auto"):
+        methods["native_block_topk"] = native
+    return methods
 
 
 def run_threshold(args) -> list[dict]:
@@ -571,7 +585,7 @@ def run_threshold(args) -> list[dict]:
             step = vp._chunk_rows(vocab, logits.device, compiled=True)
             for topk in args.topk:
                 times = {}
-                for name, fn in _threshold_methods(topk).items():
+                for name, fn in _threshold_methods(topk, args.device).items():
                     wall = []
                     for _ in range(args.warmup + args.repeats):
                         _sync(args.device)

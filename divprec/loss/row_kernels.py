@@ -1,9 +1,9 @@
 """The two elementwise passes of the shaped loss over a chunk of rows, eager or compiled.
 
 The forward's pass reads the chunk once and reduces it to a few sums per row; the backward's
-reads it once and writes the gradient. Run eagerly each is a dozen torch ops; compiled
-(``torch.compile``: a C++/OpenMP loop on CPU, a Triton kernel on CUDA) each is one fused loop
-with every reduction in registers. Both are the same function, so the compiled kernel is the
+reads it once and writes the gradient (into another tensor, or into the logits themselves). Run
+eagerly each is a few torch ops; compiled (``torch.compile``: a C++/OpenMP loop on CPU, a Triton
+kernel on CUDA) each is one fused loop. Both are the same function, so the compiled kernel is the
 eager one by construction; the tests check both against the float64 reference.
 
 K_t membership is z >= tau, decided again where needed: no mask and no index list is kept.
@@ -22,38 +22,52 @@ from divprec.loss.config import KERNELS
 log = logging.getLogger(__name__)
 
 # Rows of the packed per-token sums returned by row_sums.
-SUM_ROWS = ("others", "head_others", "xlogx_others", "xlogx_head", "target_rank")
+SUM_ROWS = ("others", "xlogx_others", "target_rank")
 
 
-def row_sums(
-    z: torch.Tensor,
-    row_max: torch.Tensor,
-    tau: torch.Tensor,
-    target_logit: torch.Tensor,
-    target_col: torch.Tensor,
-) -> torch.Tensor:
-    """The forward's pass: per-row sums [5, c] over a chunk of rows; reads z, writes nothing else.
+def row_sums(z: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """The forward's pass: per-row sums [2, c] over a chunk of rows; reads z, writes nothing else.
 
-    z [c, v] (fp32 or bf16), row_max [c] fp32, tau / target_logit [c] in z's dtype (exact),
-    target_col [c] int32 (-1: the target is not on this shard). With e = exp(z - max) and
-    d = z - max, the sums leave the target out: sum e, sum_{K_t} e, sum e*d, sum_{K_t} e*d (K_t:
-    z >= tau), and #{a: z_a > z_x} (as float).
+    z [c, v] (fp32 or bf16) with the target's own logit set to -inf by the caller, which leaves
+    it out of every sum at no per-element cost; row_max [c] fp32. With e = exp(z - max) and
+    d = z - max: sum e and sum e*d. The sums over K_t come from the top-k lists instead
+    (vocab_parallel._threshold_and_head): a few values per row, not a mask over the vocabulary.
     """
     d = z.float() - row_max[:, None]  # [c, v] fp32
-    cols = torch.arange(z.shape[1], device=z.device, dtype=torch.int32)
-    e = torch.where(cols[None, :] == target_col[:, None], 0.0, torch.exp(d))
-    # e * d with e = 0 is 0, also for d = -inf (a -inf logit), never NaN.
-    xlogx = torch.where(e > 0.0, e * d, 0.0)
-    head = z >= tau[:, None]
+    e = torch.exp(d)
+    # e * d with e = 0 is 0, also for d = -inf (a -inf logit, the masked target), never NaN.
+    return torch.stack([e.sum(dim=-1), torch.where(e > 0.0, e * d, 0.0).sum(dim=-1)])  # [2, c]
+
+
+def row_sums_with_rank(
+    z: torch.Tensor, row_max: torch.Tensor, target_logit: torch.Tensor
+) -> torch.Tensor:
+    """row_sums, then #{a: z_a > z_x} (as float) [3, c]; target_logit [c] in z's dtype (exact).
+
+    The rank's count is here when step 1 ran as torch ops; the CPU kernel of step 1 counts it
+    instead, while each row is in cache (native_select.block_topk's ``above``).
+    """
+    d = z.float() - row_max[:, None]  # [c, v] fp32
+    e = torch.exp(d)
     return torch.stack(
         [
             e.sum(dim=-1),
-            torch.where(head, e, 0.0).sum(dim=-1),
-            xlogx.sum(dim=-1),
-            torch.where(head, xlogx, 0.0).sum(dim=-1),
+            torch.where(e > 0.0, e * d, 0.0).sum(dim=-1),
             (z > target_logit[:, None]).float().sum(dim=-1),
         ]
-    )  # [5, c]
+    )  # [3, c]
+
+
+def _scaled_exp(
+    z: torch.Tensor,
+    row_max: torch.Tensor,
+    tau: torch.Tensor,
+    head_scale: torch.Tensor,
+    tail_scale: torch.Tensor,
+) -> torch.Tensor:
+    e = torch.exp(z.float() - row_max[:, None])  # [c, v] fp32
+    scale = torch.where(z >= tau[:, None], head_scale[:, None], tail_scale[:, None])
+    return (e * scale).to(z.dtype)
 
 
 def shaped_grad(
@@ -66,14 +80,27 @@ def shaped_grad(
 ) -> None:
     """The backward's pass: out = exp(z - max) * (head_scale on K_t, else tail_scale), per row.
 
-    z [c, v] fp32 or bf16; out [c, v] in z's dtype, must not alias z; row_max, head_scale,
-    tail_scale [c] fp32; tau [c] in z's dtype. e is recomputed from z instead of being kept from
-    the forward: one read instead of a vocabulary-sized buffer written and read back. The
-    target's entries are set by the caller.
+    z [c, v] fp32 or bf16; out [c, v] in z's dtype, must not alias z (shaped_grad_ writes z
+    itself); row_max, head_scale, tail_scale [c] fp32; tau [c] in z's dtype. e is recomputed
+    from z instead of being kept from the forward: one read instead of a vocabulary-sized buffer
+    written and read back. The target's entries are set by the caller.
     """
-    e = torch.exp(z.float() - row_max[:, None])  # [c, v] fp32
-    scale = torch.where(z >= tau[:, None], head_scale[:, None], tail_scale[:, None])
-    out.copy_((e * scale).to(out.dtype))
+    out.copy_(_scaled_exp(z, row_max, tau, head_scale, tail_scale))
+
+
+def shaped_grad_(
+    z: torch.Tensor,
+    row_max: torch.Tensor,
+    tau: torch.Tensor,
+    head_scale: torch.Tensor,
+    tail_scale: torch.Tensor,
+) -> None:
+    """shaped_grad written into z itself: each element is read, then overwritten by its gradient.
+
+    Compiled, this is one loop reading and writing z in place (no workspace); eagerly, the chunk's
+    gradient is a temporary copied back.
+    """
+    z.copy_(_scaled_exp(z, row_max, tau, head_scale, tail_scale))
 
 
 _COMPILED: dict[str, Callable] = {}

@@ -293,12 +293,16 @@ def test_local_top_by_blocks_is_the_exact_top_k(topk):
     for z in (*rows, rows[0].bfloat16(), rows[1].bfloat16()):
         block = vp._block_size(z.shape[1], topk)
         assert block is not None
-        row_max, values = vp._local_top(z, topk, block)
+        row_max, values, ties = vp._local_top(z, topk, block)
         expected = torch.topk(z.float(), topk, dim=-1).values
         torch.testing.assert_close(
             values.sort(dim=-1, descending=True).values, expected, rtol=0, atol=0
         )
         torch.testing.assert_close(row_max, expected[:, 0], rtol=0, atol=0)
+        at_least = (z.float() >= expected[:, -1:]).sum(dim=-1)  # K_t, ties included
+        torch.testing.assert_close(ties, (at_least - topk).float(), rtol=0, atol=0)
+        if z is rows[1]:  # integers tie at the k-th value
+            assert bool((ties > 0).all())
 
 
 def test_bf16_ties_at_the_threshold_on_the_block_path():
@@ -331,7 +335,6 @@ def test_chunks_in_threads_match_reference(monkeypatch, threads, sub_chunk_rows,
     monkeypatch.setattr(vp, "_CHUNK_ELEMENTS", WIDE * 5)  # 5 rows per chunk, 16 rows: 4 chunks
     monkeypatch.setattr(vp, "_COMPILED_CHUNK_ELEMENTS", WIDE * 5)
     monkeypatch.setattr(vp, "_SUB_CHUNK_ELEMENTS", WIDE * sub_chunk_rows)
-    monkeypatch.setattr(vp, "_COMPILED_SUB_CHUNK_ELEMENTS", WIDE * sub_chunk_rows)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -346,10 +349,11 @@ def test_chunks_in_threads_match_reference(monkeypatch, threads, sub_chunk_rows,
     assert_matches_reference(loss, grad, stats, logits, target, cfg)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("vocab", [VOCAB, WIDE])
-def test_inplace_gives_identical_results_and_the_gradient_takes_the_logits_storage(vocab):
+def test_inplace_gives_identical_results_and_the_gradient_takes_the_logits_storage(vocab, kernel):
     logits, target = make_case(rows=12, vocab=vocab) if vocab == VOCAB else make_wide_case()
-    cfg = ShapedLossConfig(beta=-0.25, topk=5, tail_negative_reward=-0.1)
+    cfg = ShapedLossConfig(beta=-0.25, topk=5, tail_negative_reward=-0.1, kernel=kernel)
     loss, grad, stats = run(logits, target, cfg)
     z = logits.clone().requires_grad_(True)
     loss_i, stats_i = shaped_loss(z, target, cfg, inplace=True)
@@ -383,6 +387,34 @@ def test_inplace_on_bf16_leaves_the_logits_untouched():
     loss_ref.sum().backward()
     torch.testing.assert_close(loss, loss_ref, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(z.grad, z_ref.grad, rtol=0, atol=0)
+
+
+def test_the_forward_leaves_logits_saved_by_another_op_usable():
+    # The forward masks the target's logit for its pass and restores it, without bumping the
+    # version counter: exp's backward, which reads its output, still works and is exact.
+    logits, target = make_case(rows=6, scale=0.5)
+    cfg = ShapedLossConfig(beta=-0.25, topk=5, tail_negative_reward=-0.1)
+    x = logits.clone().requires_grad_(True)
+    z = torch.exp(x)
+    loss, _ = shaped_loss(z, target, cfg)
+    loss.sum().backward()
+    _, ref_grad, _ = reference(torch.exp(logits), target, cfg)
+    assert relative_error(x.grad, ref_grad * torch.exp(logits.double())) < 1e-5
+
+
+def test_a_failing_pass_leaves_the_logits_as_they_were(monkeypatch):
+    from divprec.loss import row_kernels
+
+    def broken(*args):
+        raise RuntimeError("pass failed")
+
+    monkeypatch.setattr(row_kernels, "row_sums", broken)
+    monkeypatch.setattr(row_kernels, "row_sums_with_rank", broken)
+    logits, target = make_case(rows=6)
+    z = logits.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="pass failed"):
+        shaped_loss(z, target, ShapedLossConfig(topk=5, kernel="eager"))
+    assert torch.equal(z.detach(), logits)  # the masked target logits are restored
 
 
 def test_inplace_fails_loudly_when_the_logits_are_needed_elsewhere():

@@ -1,0 +1,140 @@
+"""The CPU top-k kernel (divprec/loss/native/block_topk.c) against torch.topk, and its build."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+from loss_reference import reference, relative_error
+
+from divprec.loss import ShapedLossConfig, native_select, shaped_loss
+
+needs_cc = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="needs a C compiler"
+)
+
+
+def _rows(cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(9, cols, generator=g) * 3
+    z[1] = torch.randint(-3, 4, (cols,), generator=g).float()  # heavy ties
+    z[2] = 0.5  # every logit equal
+    z[3, : cols // 2] = float("-inf")
+    z[4] = float("-inf")
+    z[4, cols // 3] = 2.0  # a single finite logit
+    z[5] = -z[5].abs()  # all negative (the key map's sign branch)
+    z[6, -1] = 50.0  # the max in the ragged tail
+    return z.to(dtype)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("cols", "k"),
+    [(32768, 100), (32768, 1), (16384, 100), (5000, 37), (1000, 100), (333, 5), (64, 64), (7, 3)],
+)
+def test_block_topk_is_the_exact_top_k(cols, k, dtype):
+    z = _rows(cols, dtype, seed=cols + k)
+    above = z.float()[:, cols // 2].clone()  # a logit of each row: the target's rank
+    above[0] = float("-inf")
+    row_max, top, ties, counts = native_select.block_topk(z, k, above=above)
+    expected = torch.topk(z.float(), k, dim=-1).values
+    torch.testing.assert_close(top.sort(dim=-1, descending=True).values, expected, rtol=0, atol=0)
+    torch.testing.assert_close(row_max, z.float().amax(dim=-1), rtol=0, atol=0)
+    at_least = (z.float() >= expected[:, -1:]).sum(dim=-1)  # K_t: every logit >= the k-th
+    torch.testing.assert_close(ties, (at_least - k).float(), rtol=0, atol=0)
+    assert ties[2] == cols - k  # the row of equal logits: all of them tie
+    torch.testing.assert_close(counts, (z.float() > above[:, None]).sum(dim=-1).float())
+    assert native_select.block_topk(z, k)[3] is None  # no threshold, no count
+
+
+@needs_cc
+def test_block_topk_reads_strided_rows():
+    wide = _rows(4096, torch.float32, seed=3)
+    z = wide[:, 100:3100]  # rows 4096 elements apart
+    row_max, top, _, counts = native_select.block_topk(z, 50, above=z[:, 0].contiguous())
+    torch.testing.assert_close(counts, (z > z[:, :1]).sum(dim=-1).float())
+    expected = torch.topk(z, 50, dim=-1).values
+    torch.testing.assert_close(top.sort(dim=-1, descending=True).values, expected, rtol=0, atol=0)
+    torch.testing.assert_close(row_max, z.amax(dim=-1), rtol=0, atol=0)
+
+
+@needs_cc
+def test_compiled_loss_runs_the_kernel_and_matches_the_reference(monkeypatch):
+    calls = []
+    real = native_select.block_topk
+    monkeypatch.setattr(
+        native_select,
+        "block_topk",
+        lambda z, k, above=None: calls.append(z.shape) or real(z, k, above),
+    )
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(24, 4096, generator=g) * 2
+    target = torch.randint(0, 4096, (24,), generator=g)
+    for kernel, used in (("compiled", True), ("eager", False)):
+        calls.clear()
+        cfg = ShapedLossConfig(beta=-0.25, topk=100, tail_negative_reward=-0.1, kernel=kernel)
+        z = logits.clone().requires_grad_(True)
+        loss, _ = shaped_loss(z, target, cfg, inplace=True)
+        loss.sum().backward()
+        assert bool(calls) == used
+        ref_loss, ref_grad, _ = reference(logits, target, cfg)
+        assert relative_error(z.grad, ref_grad) < 1e-5
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def unbuilt(monkeypatch, tmp_path):
+    """A fresh kernel state with an empty cache directory."""
+    monkeypatch.setenv("DIVPREC_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(native_select, "_LIBRARY", None)
+    monkeypatch.setattr(native_select, "_ERROR", None)
+    monkeypatch.setattr(native_select, "_WARNED", False)
+    return tmp_path
+
+
+@needs_cc
+def test_the_kernel_is_built_once_into_the_cache(unbuilt, monkeypatch):
+    path = native_select._build()
+    assert path.parent == unbuilt and path.suffix == ".so"
+    assert [p.name for p in unbuilt.iterdir()] == [path.name]  # no partial file left behind
+
+    commands = []
+    real_run = native_select.subprocess.run
+
+    def spy(command, **kwargs):
+        commands.append(command)
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(native_select.subprocess, "run", spy)
+    assert native_select._build() == path
+    assert commands and not any("-shared" in c for c in commands)  # only the version query
+
+
+def test_without_a_compiler_auto_warns_once_and_compiled_fails(unbuilt, monkeypatch, caplog):
+    def no_compiler():
+        raise native_select.BuildError("no C compiler found (set CC, or install gcc)")
+
+    monkeypatch.setattr(native_select, "_compiler", no_compiler)
+    with caplog.at_level(logging.WARNING, logger=native_select.__name__):
+        assert not native_select.usable("auto")
+        assert not native_select.usable("auto")
+    assert caplog.text.count("could not be built") == 1 and "loss.kernel=eager" in caplog.text
+    assert not native_select.usable("eager")
+    with pytest.raises(native_select.BuildError, match="no C compiler"):
+        native_select.usable("compiled")
+    # "auto" on a call large enough to compile still gives the exact loss, from the torch ops.
+    from divprec.loss import row_kernels
+
+    monkeypatch.setattr(row_kernels, "AUTO_MIN_ELEMENTS", 0)
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 512, generator=g)
+    target = torch.randint(0, 512, (6,), generator=g)
+    cfg = ShapedLossConfig(beta=-0.25, topk=20, tail_negative_reward=-0.1)
+    z = logits.clone().requires_grad_(True)
+    loss, _ = shaped_loss(z, target, cfg)
+    loss.sum().backward()
+    _, ref_grad, _ = reference(logits, target, cfg)
+    assert relative_error(z.grad, ref_grad) < 1e-5
