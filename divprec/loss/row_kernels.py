@@ -21,7 +21,7 @@ from divprec.loss.config import KERNELS
 
 log = logging.getLogger(__name__)
 
-# Rows of the packed per-token sums returned by row_sums.
+# Rows of the packed per-token sums: row_sums returns the first two, row_sums_with_rank all three.
 SUM_ROWS = ("others", "xlogx_others", "target_rank")
 
 
@@ -45,17 +45,11 @@ def row_sums_with_rank(
     """row_sums, then #{a: z_a > z_x} (as float) [3, c]; target_logit [c] in z's dtype (exact).
 
     The rank's count is here when step 1 ran as torch ops; the CPU kernel of step 1 counts it
-    instead, while each row is in cache (native_select.block_topk's ``above``).
+    instead, while each row is in cache (native_select.block_topk's ``above``). Compiled, the
+    sums and the count are one loop.
     """
-    d = z.float() - row_max[:, None]  # [c, v] fp32
-    e = torch.exp(d)
-    return torch.stack(
-        [
-            e.sum(dim=-1),
-            torch.where(e > 0.0, e * d, 0.0).sum(dim=-1),
-            (z > target_logit[:, None]).float().sum(dim=-1),
-        ]
-    )  # [3, c]
+    rank = (z > target_logit[:, None]).float().sum(dim=-1)
+    return torch.cat([row_sums(z, row_max), rank[None]])  # [3, c]
 
 
 def _scaled_exp(

@@ -70,6 +70,7 @@ _MIN_BLOCKS_PER_K = 2
 
 STAT_NAMES = ("nll", "entropy", "topk_mass", "target_prob", "target_rank")
 # Rows of the packed [4, n] row sums: row_kernels.SUM_ROWS, then the target's e.
+_RANK = row_kernels.SUM_ROWS.index("target_rank")
 _TARGET_EXP = len(row_kernels.SUM_ROWS)
 
 
@@ -280,11 +281,13 @@ class _Passes:
         """sums[:2 or 3, rows] (row_kernels.row_sums[_with_rank]); the target's logit is -inf."""
         for r in self.calls(rows):
             if with_rank:
-                sums[:3, r] = row_kernels.run(
+                sums[: _RANK + 1, r] = row_kernels.run(
                     row_kernels.row_sums_with_rank, self.kernel, z[r], row_max[r], target_logit[r]
                 )
             else:
-                sums[:2, r] = row_kernels.run(row_kernels.row_sums, self.kernel, z[r], row_max[r])
+                sums[:_RANK, r] = row_kernels.run(
+                    row_kernels.row_sums, self.kernel, z[r], row_max[r]
+                )
 
     def backward(self, z, grad, row_max, tau, head_scale, tail_scale, rows: slice) -> None:
         """grad[rows] (row_kernels.shaped_grad); grad may be z itself (then shaped_grad_)."""
@@ -366,7 +369,7 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
             dist.all_reduce(target_logit, op=dist.ReduceOp.MAX, group=group)
 
         # 1. local max and top-k; with tp > 1 the global max and the target logit in one
-        #    all-reduce MAX.
+        #    all-reduce MAX (the max alone where the target's logit was reduced above).
         row_max = torch.empty(n, dtype=torch.float32, device=dev)
         local_top = torch.empty((n, k_local + 1), dtype=torch.float32, device=dev)  # values, ties
 
@@ -375,7 +378,7 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
                 row_max[rows], local_top[rows, :k_local], local_top[rows, k_local], rank = (
                     native_select.block_topk(z[rows], k_local, above=target_logit[rows])
                 )
-                sums[2, rows] = rank
+                sums[_RANK, rows] = rank
             else:
                 row_max[rows], local_top[rows, :k_local], local_top[rows, k_local] = _local_top(
                     z[rows], k_local, block
@@ -383,7 +386,9 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
 
         # Chunks of the eager size: the top-k's temporaries stay small, and chunks run in threads.
         _for_each_chunk(n, _chunk_rows(local_vocab, dev, compiled=False), dev, local, threads=True)
-        if world > 1:
+        if world > 1 and native:  # the target's logit is global already
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        elif world > 1:
             maxes = torch.stack([row_max, target_logit], dim=1)  # [n, 2]
             dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
             row_max, target_logit = maxes[:, 0].contiguous(), maxes[:, 1].contiguous()
@@ -506,8 +511,8 @@ def vocab_parallel_shaped_loss(
         fp32 ``[...]`` tensors: nll, entropy, topk_mass, target_prob, target_rank.
 
     Collectives (when tp > 1): all-reduce MAX [n, 2]; all-gather [n, min(topk, V/tp) + 1] per
-    rank; all-reduce SUM [4, n]; on CPU with the compiled kernels, first an all-reduce MAX [n]
-    (the target's logit, for the rank's count in step 1). Backward: none.
+    rank; all-reduce SUM [4, n]. On CPU with the compiled kernels the MAX is two [n] all-reduces
+    instead, the target's logit first (step 1 counts the rank against it). Backward: none.
     """
     if tp_group is None:
         tp_group = _default_tp_group()

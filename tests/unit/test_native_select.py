@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import logging
-import shutil
 
 import pytest
 import torch
+from compile_support import needs_c_compiler as needs_cc
 from loss_reference import reference, relative_error
 
 from divprec.loss import ShapedLossConfig, native_select, shaped_loss
-
-needs_cc = pytest.mark.skipif(
-    not any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="needs a C compiler"
-)
 
 
 def _rows(cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
