@@ -12,6 +12,7 @@ import torch
 from divprec.config.schema import PretrainConfig
 from divprec.data.config import validate_data_config
 from divprec.metrics.config import validate_logging_config
+from divprec.model.config import validate_recompute
 
 
 class ConfigError(ValueError):
@@ -190,6 +191,7 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     validate_train(cfg, world_size)
     validate_checkpoint(cfg)
     try:
+        validate_recompute(cfg.model, p.pipeline)
         validate_data_config(cfg.data)
         validate_logging_config(cfg.logging)
     except ConfigError:

@@ -260,7 +260,23 @@ def transformer_config(
         perform_initialization=True,
         use_cpu_initialization=not on_gpu,  # allocate on CPU when there is no GPU
         transformer_impl="transformer_engine" if use_transformer_engine else "local",
+        **_recompute_fields(cfg),
         **moe,
+    )
+
+
+def _recompute_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """megatron-core's recompute fields for ``cfg.recompute`` (validated: model.config)."""
+    if cfg.recompute == "none":
+        return {}
+    if cfg.recompute == "selective":
+        return dict(
+            recompute_granularity="selective", recompute_modules=list(cfg.recompute_modules)
+        )
+    return dict(
+        recompute_granularity="full",
+        recompute_method=cfg.recompute_method,
+        recompute_num_layers=cfg.recompute_num_layers,
     )
 
 

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+# megatron-core's selective recompute modules that exist in these layers (no MLA, no shared experts;
+# moe_act needs grouped GEMM, which only Transformer Engine provides here; megatron-core 0.16.1's
+# output-discarding checkpoint behind "layernorm" calls Transformer Engine's FP8 state even without
+# FP8, so it cannot run on the local layers).
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe")
 
 
 @dataclass
@@ -38,6 +46,11 @@ class ModelConfig:
     moe_router_expert_bias: bool = True  # auxiliary-loss-free balancing
     moe_router_bias_update_rate: float = 1e-3
     moe_aux_loss_coeff: float = 0.0
+    # Activation recompute (see the class docstring).
+    recompute: str = "none"  # "none" | "selective" | "full"
+    recompute_method: str = "uniform"  # full only: "uniform" | "block"
+    recompute_num_layers: int = 1  # full only: chunk size (uniform) / layers per stage (block)
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])  # selective only
 
     @property
     def is_moe(self) -> bool:
@@ -52,3 +65,42 @@ class ModelConfig:
         vocab = self.vocab_size or tokenizer_vocab
         multiple = self.make_vocab_size_divisible_by * tensor_parallel
         return -(-vocab // multiple) * multiple
+
+
+def validate_recompute(cfg: ModelConfig, pipeline: int) -> None:
+    """Raise ValueError (one line: key and fix) for a recompute setting megatron-core cannot run.
+
+    ``pipeline``: the pipeline-parallel size (``full`` counts layers per stage).
+    """
+    if cfg.recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"model.recompute={cfg.recompute!r}: use none, selective or full")
+    if cfg.recompute == "full":
+        if cfg.recompute_method not in RECOMPUTE_METHODS:
+            raise ValueError(
+                f"model.recompute_method={cfg.recompute_method!r}: use uniform or block"
+            )
+        per_stage = cfg.num_layers // pipeline
+        if not 1 <= cfg.recompute_num_layers <= per_stage:
+            raise ValueError(
+                f"model.recompute_num_layers={cfg.recompute_num_layers} must be in [1, "
+                f"{per_stage}] (layers per pipeline stage)"
+            )
+        if cfg.recompute_method == "uniform" and per_stage % cfg.recompute_num_layers:
+            raise ValueError(
+                f"model.recompute_num_layers={cfg.recompute_num_layers} does not divide the "
+                f"{per_stage} layers per pipeline stage: with recompute_method=uniform choose a "
+                "divisor (or use recompute_method=block)"
+            )
+    if cfg.recompute == "selective":
+        unknown = [m for m in cfg.recompute_modules if m not in RECOMPUTE_MODULES]
+        if unknown or not cfg.recompute_modules:
+            raise ValueError(
+                f"model.recompute_modules={list(cfg.recompute_modules)}: choose from "
+                f"{list(RECOMPUTE_MODULES)} (at least one)"
+            )
+        if "moe" in cfg.recompute_modules and not cfg.is_moe:
+            raise ValueError("model.recompute_modules: moe needs a MoE model (model.num_experts)")
+        if "mlp" in cfg.recompute_modules and cfg.is_moe:
+            raise ValueError(
+                "model.recompute_modules: mlp recomputes dense MLPs only; use moe for a MoE model"
+            )

@@ -1,0 +1,97 @@
+"""Activation recompute changes memory, not results: selective and full train exactly as none.
+
+Each case trains the same 3 steps as tests/integration/test_pretrain_layouts.py (tiny model, shaped
+loss), once per recompute setting inside one set of processes, and compares with recompute=none in
+the same layout. That the settings do recompute (keep fewer activations) is shown by
+tests/unit/test_memory_plan.py, which measures the saved activations of each.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from test_pretrain_layouts import BASE
+
+from divprec.config.compose import compose_config
+from divprec.config.validate import validate
+from divprec.parallel.spawn import run_in_processes
+
+pytestmark = pytest.mark.slow
+
+KEYS = ("loss", "lm_loss", "grad_norm")
+MOE_KEYS = ("moe_max_load_ratio", "moe_expert_bias_abs_mean")
+TOLERANCE = 1e-6
+
+
+def _train_each(rank: int, world: int, runs: list[list[str]], run_dir: str) -> list[list[dict]]:
+    """Train every override list in turn in this process group (fresh model, engine, run dir)."""
+    from divprec.train.trainer import pretrain
+
+    histories = []
+    for i, overrides in enumerate(runs):
+        cfg = compose_config([*BASE, *overrides, f"run.dir={run_dir}/{i}"])
+        validate(cfg, world)
+        histories.append(pretrain(cfg).history)
+    return histories
+
+
+def _assert_same(history: list[dict], reference: list[dict], keys: tuple[str, ...], case) -> None:
+    assert [m["step"] for m in history] == [1, 2, 3], case
+    for ours, ref in zip(history, reference, strict=True):
+        for key in keys:
+            assert math.isclose(ours[key], ref[key], rel_tol=TOLERANCE), (case, ours["step"], key)
+
+
+SINGLE = {
+    "dense": (
+        [],
+        [
+            ["model.recompute=selective"],  # megatron-core's default module: core_attn
+            ["model.recompute=selective", "model.recompute_modules=[core_attn,mlp]"],
+            ["model.recompute=full", "model.recompute_num_layers=2"],  # uniform: chunks of 2
+            [
+                "model.recompute=full",
+                "model.recompute_method=block",
+                "model.recompute_num_layers=3",
+            ],
+        ],
+    ),
+    "moe": (
+        ["model=moe_tiny"],
+        [
+            [
+                "model=moe_tiny",
+                "model.recompute=selective",
+                "model.recompute_modules=[core_attn,moe]",
+            ],
+            ["model=moe_tiny", "model.recompute=full"],
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("model", list(SINGLE))
+def test_recompute_matches_none_single_process(model, tmp_path):
+    none, cases = SINGLE[model]
+    (histories,) = run_in_processes(_train_each, 1, [none, *cases], str(tmp_path))
+    reference, *others = histories
+    keys = KEYS + (MOE_KEYS if model == "moe" else ())
+    for case, history in zip(cases, others, strict=True):
+        _assert_same(history, reference, keys, case)
+    assert reference[-1]["lm_loss"] < reference[0]["lm_loss"]
+
+
+def test_recompute_matches_none_tp2_pp2_sequence_parallel(tmp_path):
+    layout = ["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true"]
+    cases = [
+        ["model.recompute=selective", "model.recompute_modules=[core_attn,mlp]"],
+        ["model.recompute=full"],  # uniform, 1 layer per chunk: both layers of each stage
+        ["model.recompute=full", "model.recompute_method=block"],  # the first layer of each stage
+    ]
+    runs = [layout, *([*layout, *case] for case in cases)]
+    histories = run_in_processes(_train_each, 4, runs, str(tmp_path))
+    for rank_histories in histories:  # every rank reports the same reduced metrics
+        reference, *others = rank_histories
+        for case, history in zip(cases, others, strict=True):
+            _assert_same(history, reference, KEYS, case)
