@@ -538,3 +538,19 @@ def shaped_loss(
         raise ValueError(f"target must hold integer token ids, got dtype {target.dtype}")
     loss, *stat_values = _VocabParallelShapedLoss.apply(logits, target.long(), cfg, None, inplace)
     return loss, dict(zip(STAT_NAMES, stat_values, strict=True))
+
+
+def forward_temporaries_bytes(rows: int, local_vocab: int, kernel: str, on_gpu: bool) -> int:
+    """Upper bound of the forward's vocabulary-sized temporaries on one rank (memory planning).
+
+    On CPU with the compiled kernels (loss.kernel resolved for ``rows`` x ``local_vocab`` logits)
+    step 1 runs in C and the passes in one loop each: nothing vocabulary-sized. The torch path's
+    step 1 holds, for one chunk of rows at a time, a boolean mask over the chunk and its int64
+    count: 9 bytes per logit of a chunk.
+    """
+    kernel = row_kernels.resolve(kernel, rows * local_vocab)
+    if not on_gpu and row_kernels.use_compiled(kernel):
+        return 0
+    device = torch.device("cuda" if on_gpu else "cpu")
+    chunk_rows = _chunk_rows(local_vocab, device, compiled=False)
+    return 9 * min(rows, chunk_rows) * local_vocab

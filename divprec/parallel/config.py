@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# DeepSpeed's default gradient-reduction bucket (elements). DeepSpeed allocates a whole bucket every
+# step, so a rank with fewer parameters gets a bucket of its own size instead.
+DEFAULT_REDUCE_BUCKET = 500_000_000
+
+
+def reduce_bucket_elements(local_parameters: int) -> int:
+    """Elements of DeepSpeed's gradient-reduction bucket on a rank holding ``local_parameters``."""
+    return max(1, min(DEFAULT_REDUCE_BUCKET, local_parameters))
+
 
 @dataclass
 class ParallelConfig:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from megatron.core import parallel_state
 
+from divprec.parallel.config import DEFAULT_REDUCE_BUCKET, reduce_bucket_elements
 from divprec.train.config import OptimConfig
 
 
@@ -76,13 +77,17 @@ class MegatronMpu:
 
 
 def deepspeed_config(
-    optim: OptimConfig, zero_stage: int, micro_batch_size: int, bf16: bool
+    optim: OptimConfig,
+    zero_stage: int,
+    micro_batch_size: int,
+    bf16: bool,
+    reduce_bucket_size: int = DEFAULT_REDUCE_BUCKET,
 ) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": 1,  # microbatches are megatron-core's schedule's
         "gradient_clipping": optim.clip_grad,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": reduce_bucket_size},
         "zero_allow_untested_optimizer": True,  # torch's AdamW as the client optimizer
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,  # divprec's metrics callbacks report progress
@@ -133,7 +138,13 @@ def build_engine(
         model=model,
         optimizer=optimizer,
         mpu=MegatronMpu(),
-        config=deepspeed_config(optim, zero_stage, micro_batch_size, bf16),
+        config=deepspeed_config(
+            optim,
+            zero_stage,
+            micro_batch_size,
+            bf16,
+            reduce_bucket_elements(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        ),
     )
     _link_optimizer_state(engine.optimizer)
     return engine
