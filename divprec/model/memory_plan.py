@@ -10,7 +10,8 @@ rank of the worst pipeline stage (the one with the largest total):
 - activations: what autograd saves for the backward, per token of a microbatch and layer (the
   sums below), times the microbatches in flight: 1 without pipeline parallelism; with 1F1B, stage
   r of p holds p - r (capped at the microbatch count). Recompute keeps less (see
-  :func:`layer_activation_bytes`) and adds the working set of the chunk it reruns.
+  :func:`layer_activation_bytes`); the chunk it reruns in the backward is its working set, live
+  after the loss's buffers are freed.
 - logits and loss buffers (last stage): the saved logits [s, b, V/tp], then the larger of the
   loss forward's temporaries (divprec.loss.vocab_parallel.forward_temporaries_bytes) and the
   logits' gradient (written into the logits' storage when they are fp32).
@@ -18,9 +19,10 @@ rank of the worst pipeline stage (the one with the largest total):
   allocated when each backward starts and again for the reduction after the last.
 - the optimizer step's temporaries: the gradient partition flattened, then cast to fp32.
 
-The peak is the persistent state plus the larger of the last microbatch's loss and backward start
-(all activations in flight, loss buffers, bucket, the gradients of earlier microbatches) and the
-optimizer step (gradients, bucket or the step's temporaries).
+The peak is the persistent state plus the largest of: the last microbatch's loss and backward start
+(all activations in flight, loss buffers, bucket, the gradients of earlier microbatches), its
+recompute (the same without the loss buffers, with the working set), and the optimizer step
+(gradients, and the bucket or the step's temporaries).
 
 The activation sums are those of divprec's local layers (torch RMSNorm, SDPA attention, megatron-
 core's linear layers and MLPs), as saved-tensor hooks count them (tests/unit/test_memory_plan.py
@@ -29,7 +31,8 @@ h hidden, q / g the query / KV heads and d the head dim on this tensor-parallel 
 width on this rank:
 - each RMSNorm: fp32 input and normalised input, the fp32 inverse RMS, its output: 8h + 4 + p*h
   (divided by tp under sequence parallelism, as every h-sized activation outside the TP regions);
-- QK-norm: fp32 query in and normalised 8*q*d + 4*q; key the same plus an fp32 copy when p != 4;
+- QK-norm: fp32 query in and normalised 8*q*d + 4*q; key normalised 4*g*d + 4*g, and its fp32
+  input 4*g*d when p != 4 (with fp32 parameters that input is a view of the QKV output);
 - the fused QKV output (V is a view of it) p*(q + 2g)*d; RoPE's cos/sin tables 4*p*d per sequence;
 - SDPA: rotated query and key p*(q + g)*d, its output p*q*d (the output projection's input is a
   view of it), the fp32 log-sum-exp 4*q;
@@ -88,6 +91,7 @@ class MemoryPlan:
     master_weights: int
     adam_moments: int
     activations: int
+    recompute_working_set: int
     logits_and_loss: int
     reduce_bucket: int
     optimizer_step: int
@@ -107,6 +111,7 @@ class MemoryPlan:
                 f"activations ({self.microbatches_in_flight} microbatch(es) in flight)",
                 self.activations,
             ),
+            ("recompute working set (one chunk, in the backward)", self.recompute_working_set),
             ("logits and loss buffers", self.logits_and_loss),
             ("DeepSpeed reduce bucket", self.reduce_bucket),
             ("optimizer step temporaries", self.optimizer_step),
@@ -169,7 +174,8 @@ def layer_activation_bytes(
     total = _norm_bytes(h, p, sp_share)  # input norm
     if cfg.qk_layernorm:
         total += 8 * q * d + 4 * q  # query: fp32 in, normalised, inverse RMS
-        total += 8 * g * d + 4 * g + (FP32 * g * d if p != FP32 else 0)  # key (+ fp32 copy)
+        # key: normalised, inverse RMS, and its fp32 input when that is a copy (else a view of QKV)
+        total += FP32 * g * d + 4 * g + (FP32 * g * d if p != FP32 else 0)
     total += p * (q + 2 * g) * d  # fused QKV output
     total += 4 * p * d / b  # RoPE cos/sin for q and k: [s, 1, 1, d] each
     total += p * (q + g) * d + p * q * d  # SDPA: rotated q, k; its output
@@ -227,7 +233,7 @@ def microbatch_activation_bytes(
     if stage == layout.pipeline - 1:
         sp_share = 1 / layout.tensor if layout.sequence_parallel and layout.tensor > 1 else 1.0
         kept += _norm_bytes(cfg.hidden_size, layout.param_bytes, sp_share)  # final norm
-        kept += 40  # the loss's per-token scalars (target, max, sums, coefficients)
+        kept += 32 + layout.param_bytes  # the loss's per-token targets, sums, coefficients
     return kept * tokens, working * tokens
 
 
@@ -269,17 +275,20 @@ def _stage_plan(cfg: ModelConfig, layout: TrainingLayout, stage: int) -> MemoryP
     bucket = min(layout.reduce_bucket_elements, count) * p
     in_flight = microbatches_in_flight(layout, stage)
     kept, working = microbatch_activation_bytes(cfg, layout, stage)
-    activations = int(in_flight * kept + working)
+    activations = int(in_flight * kept)
+    working = int(working)
     last = stage == layout.pipeline - 1
     saved, logits_grad, loss_temporaries = logits_and_loss_bytes(layout) if last else (0, 0, 0)
     # Optimizer step: the flat gradient partition, and its fp32 copy when the grads are not fp32.
     step = partition * p + (partition * FP32 if p != FP32 else 0)
     persistent = parameters + master + moments
-    # The last microbatch: its loss forward (temporaries), then its backward (the logits'
-    # gradient; DeepSpeed's bucket is allocated when the backward starts), with every activation
-    # in flight and the gradients of the earlier microbatches (none when no backward ran yet).
+    # The last microbatch, with every activation in flight and the gradients of the earlier
+    # microbatches (none when no backward ran yet): its loss forward (temporaries), then its
+    # backward (the logits' gradient; DeepSpeed's bucket is allocated when the backward starts),
+    # later its recompute (the loss's buffers are gone by then).
     earlier_grads = gradients if layout.num_microbatches > in_flight else 0
-    backward = earlier_grads + activations + saved + max(loss_temporaries, logits_grad + bucket)
+    at_loss = saved + max(loss_temporaries, logits_grad + bucket)
+    backward = earlier_grads + activations + max(at_loss, bucket + working)
     at_step = gradients + max(step, bucket)
     logits = saved + max(loss_temporaries, logits_grad)
     return MemoryPlan(
@@ -289,6 +298,7 @@ def _stage_plan(cfg: ModelConfig, layout: TrainingLayout, stage: int) -> MemoryP
         master_weights=master,
         adam_moments=moments,
         activations=activations,
+        recompute_working_set=working,
         logits_and_loss=logits,
         reduce_bucket=bucket,
         optimizer_step=step,
