@@ -29,8 +29,7 @@ COMMON = [
 # (world size, overrides): the tiny model's defaults run 4 microbatches of 4 x 256 tokens.
 CASES = {
     "tiny_1": (1, []),
-    "tiny_dp2": (2, []),
-    "tiny_full_recompute": (1, ["model.recompute=full"]),
+    "tiny_dp2_full_recompute": (2, ["model.recompute=full"]),  # also the recompute working set
     "study_1": (1, ["experiment=study"]),
     "study_tp2": (2, ["experiment=study", "parallel.tensor=2"]),
 }
