@@ -155,6 +155,11 @@ def stage_parameters(cfg: ModelConfig, layout: TrainingLayout, stage: int) -> in
 # --- activations -----------------------------------------------------------------------------
 
 
+def _sequence_share(layout: TrainingLayout) -> float:
+    """The share of a microbatch's tokens one rank holds outside the tensor-parallel regions."""
+    return 1 / layout.tensor if layout.sequence_parallel and layout.tensor > 1 else 1.0
+
+
 def _norm_bytes(width: float, p: int, tokens_share: float) -> float:
     # fp32 input, fp32 normalised input, the fp32 inverse RMS per token, the output.
     return (8 * width + 4 + p * width) * tokens_share
@@ -168,7 +173,7 @@ def layer_activation_bytes(
     ``modules``: megatron-core's selective recompute modules applied (see the module docstring).
     """
     t, p, b = layout.tensor, layout.param_bytes, layout.micro_batch_size
-    sp_share = 1 / t if layout.sequence_parallel and t > 1 else 1.0
+    sp_share = _sequence_share(layout)
     h, d = cfg.hidden_size, cfg.head_dim
     q, g = cfg.num_attention_heads / t, cfg.num_query_groups / t
     total = _norm_bytes(h, p, sp_share)  # input norm
@@ -201,11 +206,6 @@ def _moe_bytes(cfg: ModelConfig, layout: TrainingLayout, sp_share: float) -> flo
     return router + p * k * cfg.hidden_size + k * (p * 6 * f_moe + 4)
 
 
-def _chunk_input_bytes(cfg: ModelConfig, layout: TrainingLayout) -> float:
-    sp_share = 1 / layout.tensor if layout.sequence_parallel and layout.tensor > 1 else 1.0
-    return layout.param_bytes * cfg.hidden_size * sp_share
-
-
 def microbatch_activation_bytes(
     cfg: ModelConfig, layout: TrainingLayout, stage: int
 ) -> tuple[float, float]:
@@ -216,7 +216,7 @@ def microbatch_activation_bytes(
     rope_table = FP32 * cfg.head_dim / layout.micro_batch_size  # fp32 [s, 1, 1, d]
     if cfg.recompute == "full":
         n = cfg.recompute_num_layers
-        chunk_input = _chunk_input_bytes(cfg, layout)
+        chunk_input = layout.param_bytes * cfg.hidden_size * _sequence_share(layout)
         if cfg.recompute_method == "uniform":
             kept = (layers // n) * chunk_input
             working = n * full_layer
@@ -231,8 +231,9 @@ def microbatch_activation_bytes(
     if stage == 0:
         kept += 8  # the int64 token ids (the embedding's backward)
     if stage == layout.pipeline - 1:
-        sp_share = 1 / layout.tensor if layout.sequence_parallel and layout.tensor > 1 else 1.0
-        kept += _norm_bytes(cfg.hidden_size, layout.param_bytes, sp_share)  # final norm
+        kept += _norm_bytes(
+            cfg.hidden_size, layout.param_bytes, _sequence_share(layout)
+        )  # final norm
         kept += 32 + layout.param_bytes  # the loss's per-token targets, sums, coefficients
     return kept * tokens, working * tokens
 
