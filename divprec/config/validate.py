@@ -5,6 +5,7 @@ Each check raises :class:`ConfigError` with one line that names the key and says
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import torch
@@ -177,6 +178,25 @@ def validate_checkpoint(cfg: PretrainConfig) -> None:
     )
 
 
+def validate_fault_handling(cfg: PretrainConfig) -> None:
+    t = cfg.train
+    _require(
+        t.max_skipped_steps >= 1,
+        f"train.max_skipped_steps must be >= 1 (non-finite steps in a row before stopping), got "
+        f"{t.max_skipped_steps}",
+    )
+    catchable = set(signal.Signals.__members__) - {"SIGKILL", "SIGSTOP"}
+    _require(
+        "SIG" + t.preemption_signal.upper().removeprefix("SIG") in catchable,
+        f"train.preemption_signal={t.preemption_signal!r} is not a signal that can be caught: use "
+        "USR1 (the default), USR2 or another name SLURM's --signal accepts",
+    )
+    _require(
+        cfg.parallel.timeout_minutes > 0,
+        f"parallel.timeout_minutes must be > 0, got {cfg.parallel.timeout_minutes}",
+    )
+
+
 def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None) -> None:
     """All checks that need no process group. ``vocab_size``: the tokenizer's, when known."""
     _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
@@ -189,6 +209,7 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     validate_parallel(cfg, world_size)
     validate_train(cfg, world_size)
     validate_checkpoint(cfg)
+    validate_fault_handling(cfg)
     try:
         validate_data_config(cfg.data)
         validate_logging_config(cfg.logging)

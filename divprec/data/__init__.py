@@ -7,7 +7,7 @@ Modules (import what you need; megatron-core is only imported where it is used):
     documents       reading .jsonl/.txt inputs in a fixed order
     preprocess      preprocess_files: text -> <prefix>.bin/.idx
     default_corpus  ensure_default_corpus: the stdlib sources, built once and cached
-    megatron_helpers  megatron's C++ index helpers, or an exact NumPy port
+    megatron_helpers  the check that megatron-core's compiled index helpers import
     dataset         build_gpt_datasets: train/valid/test from a DataConfig
     batches         build_batch_iterator: deterministic, resumable, DP-size-independent order
 """

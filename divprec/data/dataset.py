@@ -29,7 +29,7 @@ from divprec.data.config import (
     validate_data_config,
 )
 from divprec.data.default_corpus import ensure_default_corpus
-from divprec.data.megatron_helpers import ensure_megatron_helpers
+from divprec.data.megatron_helpers import require_megatron_helpers
 from divprec.data.tokenizer import Tokenizer
 from divprec.parallel.distributed import single_process_world
 
@@ -124,7 +124,7 @@ def build_gpt_datasets(
 
     data = resolve_data(cfg, show_progress=show_progress)
     tokenizer = Tokenizer.from_file(data.tokenizer_model)
-    ensure_megatron_helpers()
+    require_megatron_helpers()
     weights = data.weights
     if len(data.prefixes) == 1:
         weights = None  # a lone dataset needs no blending, whatever its weight

@@ -25,6 +25,7 @@ allocation on GPU); on CPU it calls :func:`divprec.parallel.cpu.enable_cpu_execu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,8 +66,9 @@ class RMSNorm(torch.nn.RMSNorm):
     """torch RMSNorm with megatron's norm constructor, usable under sequence parallelism.
 
     With sequence parallelism each tensor-parallel rank normalises a slice of the sequence, so the
-    weight gradient is partial: the ``sequence_parallel`` attribute makes megatron's
-    ``finalize_model_grads`` sum it over the tensor-parallel group.
+    weight gradient is partial. The ``sequence_parallel`` attribute marks it, and
+    divprec.parallel.tp_grads sums its gradient over the tensor-parallel group (megatron's own
+    ``finalize_model_grads`` is not used: DeepSpeed reduces the gradients).
     """
 
     def __init__(
@@ -312,7 +314,7 @@ def build_model(
     post_process: bool,
     use_transformer_engine: bool | None = None,
     vp_stage: int | None = None,
-    model_class: type[GPTModel] = GPTModel,
+    model_class: Callable[..., GPTModel] = GPTModel,
 ) -> GPTModel:
     """One pipeline stage (or the whole model) of ``cfg``, initialised from ``seed``.
 
@@ -326,7 +328,8 @@ def build_model(
         pre_process, post_process: this stage holds the embedding / final norm and output layer.
         use_transformer_engine: None = when importable with a GPU.
         vp_stage: virtual pipeline stage (interleaved schedules), else None.
-        model_class: GPTModel or a subclass (divprec.model.shaped_gpt.ShapedGPTModel in training).
+        model_class: GPTModel or a constructor of a subclass (in training, ShapedGPTModel with its
+            ``loss_config`` bound).
 
     Returns:
         A GPTModel whose forward ``(input_ids [b, s], position_ids [b, s], attention_mask=None)``
@@ -390,7 +393,7 @@ def build_stage(
     sequence_parallel: bool = False,
     use_transformer_engine: bool | None = None,
     vp_stage: int | None = None,
-    model_class: type[GPTModel] = GPTModel,
+    model_class: Callable[..., GPTModel] = GPTModel,
 ) -> GPTModel:
     """:func:`build_model` for this rank's pipeline stage, layout read from megatron's state."""
     pp = parallel_state.get_pipeline_model_parallel_world_size()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from divprec.train.config import OptimConfig
+from divprec.parallel.config import OptimConfig
 
 
 def learning_rate(step: int, cfg: OptimConfig, total_steps: int) -> float:

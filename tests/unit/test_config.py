@@ -221,6 +221,30 @@ ERRORS = {
         r"^parallel\.zero_stage=2 cannot be combined with parallel\.pipeline > 1",
     ),
     "zero3": (["parallel.zero_stage=3"], 1, VOCAB, r"^parallel\.zero_stage=3 is not supported"),
+    "max_skipped_steps": (
+        ["train.max_skipped_steps=0"],
+        1,
+        VOCAB,
+        r"^train\.max_skipped_steps must be >= 1 \(non-finite steps in a row before stopping\)",
+    ),
+    "preemption_signal_uncatchable": (
+        ["train.preemption_signal=KILL"],
+        1,
+        VOCAB,
+        r"^train\.preemption_signal='KILL' is not a signal that can be caught: use USR1",
+    ),
+    "preemption_signal_unknown": (
+        ["train.preemption_signal=USR7"],
+        1,
+        VOCAB,
+        r"^train\.preemption_signal='USR7' is not a signal that can be caught",
+    ),
+    "collective_timeout": (
+        ["parallel.timeout_minutes=0"],
+        1,
+        VOCAB,
+        r"^parallel\.timeout_minutes must be > 0, got 0",
+    ),
     "sequence_parallel_tp1": (
         ["parallel.sequence_parallel=true"],
         1,
@@ -417,7 +441,6 @@ ENTRY_ERRORS = {
     ),
     "topk_zero": (["loss.topk=0"], "divprec: error: loss.topk must be an integer >= 1, got 0"),
 }
-ENTRY_FAST_S = 30  # each fails in ~3 s alone (interpreter + imports); generous for a loaded CI box
 ENTRY_DEADLINE_S = 120
 
 
@@ -462,14 +485,13 @@ def entry_runs(_entry_futures: dict[str, Future]) -> dict[str, tuple]:
 
 @pytest.mark.parametrize("name", ENTRY_ERRORS)
 def test_entry_point_config_error(name: str, entry_runs: dict[str, tuple]) -> None:
-    returncode, out, err, cwd, run_dir, elapsed = entry_runs[name]
+    returncode, out, err, cwd, run_dir, _elapsed = entry_runs[name]
     assert returncode == 2, (out, err)
     assert err.splitlines() == [ENTRY_ERRORS[name][1]], err
     assert "Traceback" not in out + err
     # Failed before any corpus, model or run work: nothing written, not even by Hydra.
     assert not run_dir.exists()
     assert list(cwd.iterdir()) == []
-    assert elapsed < ENTRY_FAST_S
 
 
 def test_entry_point_cfg_job_prints_the_config(entry_runs: dict[str, tuple]) -> None:

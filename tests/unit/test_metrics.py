@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import sys
-import time
 import types
 
 import pytest
@@ -271,12 +270,10 @@ def wandb_home(tmp_path, monkeypatch):
 def test_wandb_offline_writes_under_run_dir_and_resume_reuses_id(wandb_home):
     run_dir = wandb_home / "run"
     cfg = WandbConfig(mode="offline", name="unit", tags=["test"])
-    ids, init_s = [], []
+    ids = []
     for start in (0, 2):
         logger = WandbLogger(cfg)
-        t0 = time.perf_counter()
         logger.on_train_start(_state(run_dir, step=start))
-        init_s.append(time.perf_counter() - t0)
         ids.append(logger.run.id)
         for step in (start + 1, start + 2):
             logger.on_step_end(_state(run_dir, step=step), _metrics(step))
@@ -285,8 +282,6 @@ def test_wandb_offline_writes_under_run_dir_and_resume_reuses_id(wandb_home):
     assert ids[0] == ids[1] == (run_dir / ID_FILENAME).read_text().strip()
     runs = glob.glob(str(run_dir / "wandb" / f"offline-run-*-{ids[0]}*" / f"run-{ids[0]}.wandb"))
     assert len(runs) == 2 and all(os.path.getsize(p) > 0 for p in runs)
-    print(f"wandb offline init: {', '.join(f'{s:.2f}s' for s in init_s)}")
-    assert max(init_s) < 30
 
 
 def test_wandb_disabled_and_other_ranks_do_nothing(tmp_path, monkeypatch):
