@@ -5,6 +5,7 @@ Each check raises :class:`ConfigError` with one line that names the key and says
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -12,6 +13,8 @@ import torch
 from divprec.config.schema import PretrainConfig
 from divprec.data.config import validate_data_config
 from divprec.metrics.config import validate_logging_config
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -141,12 +144,17 @@ def validate_train(cfg: PretrainConfig, world_size: int) -> None:
         f"optim.decay_fraction={o.decay_fraction} must be in [0, 1] and not combined with "
         "optim.decay_steps: set one of them",
     )
-    scheduled = o.warmup_steps + (o.stable_steps or 0) + o.decay_length(t.steps)
-    _require(
-        scheduled <= t.steps,
-        f"optim.warmup_steps + optim.stable_steps + decay ({o.decay_length(t.steps)} steps) = "
-        f"{scheduled} exceeds train.steps={t.steps}: shorten the schedule or train longer",
-    )
+    configured, fitted = o.configured_phases(t.steps), o.phases(t.steps)
+    if fitted != configured:
+        logger.warning(
+            "optim: warmup %d + stable %d + decay %d = %d steps exceed train.steps=%d; the "
+            "schedule is shrunk to warmup %d + stable %d + decay %d (set optim.warmup_steps and "
+            "optim.decay_* to fit to silence this)",
+            *configured,
+            sum(configured),
+            t.steps,
+            *fitted,
+        )
 
 
 def validate_loss(cfg: PretrainConfig, vocab_size: int) -> None:

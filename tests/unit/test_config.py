@@ -246,13 +246,6 @@ ERRORS = {
         VOCAB,
         r"^model\.vocab_size=1000 is smaller than the tokenizer's vocabulary \(4096\)",
     ),
-    "schedule_longer_than_steps": (
-        ["optim.warmup_steps=300"],
-        1,
-        VOCAB,
-        r"^optim\.warmup_steps \+ optim\.stable_steps \+ decay \(40 steps\) = 340 exceeds "
-        r"train\.steps=200",
-    ),
     "stable_steps_negative": (
         ["optim.stable_steps=-5"],
         1,
