@@ -69,6 +69,17 @@ def validate_model(cfg: PretrainConfig) -> None:
             m.moe_router_score_function in ("sigmoid", "softmax"),
             f"model.moe_router_score_function={m.moe_router_score_function!r}: use sigmoid or softmax",
         )
+        _require(
+            not m.moe_router_expert_bias or m.moe_router_score_function == "sigmoid",
+            "model.moe_router_expert_bias=true needs model.moe_router_score_function=sigmoid: "
+            "set it, or model.moe_router_expert_bias=false",
+        )
+        # megatron-core's MoE layer refuses tensor parallelism without sequence parallelism.
+        _require(
+            p.tensor == 1 or p.sequence_parallel,
+            f"model.num_experts={m.num_experts} (MoE) with parallel.tensor={p.tensor} needs "
+            "parallel.sequence_parallel=true: set it, or parallel.tensor=1",
+        )
 
 
 def validate_parallel(cfg: PretrainConfig, world_size: int) -> None:

@@ -124,9 +124,33 @@ def test_model_presets_have_the_papers_shapes(model: str) -> None:
         (["model=dense_4b", "parallel.tensor=8", "parallel.sequence_parallel=true"], 16),
         (["model=dense_1b", "parallel.tensor=4", "parallel.pipeline=4"], 32),
         (["model=dense_1b", "parallel.tensor=4", "parallel.zero_stage=2"], 8),
-        (["model=moe_5b_a0_3b", "parallel.tensor=4", "parallel.pipeline=4"], 16),
-        (["model=moe_10b_a0_5b", "parallel.tensor=4", "parallel.pipeline=4"], 64),
-        (["model=moe_tiny", "parallel.tensor=2", "parallel.pipeline=2"], 4),
+        (
+            [
+                "model=moe_5b_a0_3b",
+                "parallel.tensor=4",
+                "parallel.sequence_parallel=true",
+                "parallel.pipeline=4",
+            ],
+            16,
+        ),
+        (
+            [
+                "model=moe_10b_a0_5b",
+                "parallel.tensor=4",
+                "parallel.sequence_parallel=true",
+                "parallel.pipeline=4",
+            ],
+            64,
+        ),
+        (
+            [
+                "model=moe_tiny",
+                "parallel.tensor=2",
+                "parallel.sequence_parallel=true",
+                "parallel.pipeline=2",
+            ],
+            4,
+        ),
     ],
     ids=lambda v: v if isinstance(v, int) else "-".join(o.split(".")[-1] for o in v),
 )
@@ -332,6 +356,19 @@ ERRORS = {
         1,
         VOCAB,
         r"^model\.moe_router_score_function='relu': use sigmoid or softmax",
+    ),
+    "moe_expert_bias_softmax": (
+        ["model=moe_tiny", "model.moe_router_score_function=softmax"],
+        1,
+        VOCAB,
+        r"^model\.moe_router_expert_bias=true needs model\.moe_router_score_function=sigmoid: ",
+    ),
+    "moe_tensor_without_sequence_parallel": (
+        ["model=moe_tiny", "parallel.tensor=2"],
+        2,
+        VOCAB,
+        r"^model\.num_experts=8 \(MoE\) with parallel\.tensor=2 needs "
+        r"parallel\.sequence_parallel=true: ",
     ),
 }
 
