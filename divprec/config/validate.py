@@ -6,11 +6,12 @@ Each check raises :class:`ConfigError` with one line that names the key and says
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
+from divprec.checkpoint.config import validate_checkpoint_load
 from divprec.config.schema import PretrainConfig
+from divprec.data.checks import check_data
 from divprec.data.config import validate_data_config
 from divprec.metrics.config import validate_logging_config
 
@@ -190,14 +191,14 @@ def validate_checkpoint(cfg: PretrainConfig) -> None:
         c.keep_last is None or c.keep_last >= 1,
         f"checkpoint.keep_last must be >= 1 or null (keep all), got {c.keep_last}",
     )
-    _require(
-        c.load is None or Path(c.load).is_dir(),
-        f"checkpoint.load={c.load}: no such checkpoint directory; point it at a step_* directory",
-    )
+    validate_checkpoint_load(c.load)
 
 
 def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None) -> None:
-    """All checks that need no process group. ``vocab_size``: the tokenizer's, when known."""
+    """All checks that need no process group, the data files and the tokenizer included.
+
+    ``vocab_size``: the tokenizer's, to check the loss against (None: read from the data config).
+    """
     _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
     p = cfg.parallel
     _require(p.tensor >= 1, f"parallel.tensor must be >= 1, got {p.tensor}")
@@ -207,13 +208,13 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     validate_model(cfg)
     validate_parallel(cfg, world_size)
     validate_train(cfg, world_size)
-    validate_checkpoint(cfg)
     try:
+        validate_checkpoint(cfg)
         validate_data_config(cfg.data)
         validate_logging_config(cfg.logging)
+        data_vocab_size = check_data(cfg.data, cfg.train.seq_length)
     except ConfigError:
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if vocab_size is not None:
-        validate_loss(cfg, vocab_size)
+    validate_loss(cfg, data_vocab_size if vocab_size is None else vocab_size)

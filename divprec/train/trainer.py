@@ -22,7 +22,6 @@ from omegaconf import OmegaConf
 from divprec.checkpoint.checkpointer import Progress
 from divprec.checkpoint.manager import CheckpointManager
 from divprec.config.schema import PretrainConfig, to_dict
-from divprec.config.validate import validate_loss
 from divprec.data.batches import build_batch_iterator
 from divprec.data.dataset import build_gpt_datasets
 from divprec.metrics.callback import Callback, TrainState
@@ -106,9 +105,7 @@ def _build(cfg: PretrainConfig) -> _Run:
         valid_samples=train.global_batch_size,
         show_progress=ctx.is_logging_rank,
     )
-    tokenizer_vocab = datasets.tokenizer.vocab_size
-    validate_loss(cfg, tokenizer_vocab)
-    vocab_size = model_cfg.padded_vocab_size(tokenizer_vocab, par.tensor)
+    vocab_size = model_cfg.padded_vocab_size(datasets.tokenizer.vocab_size, par.tensor)
 
     model = build_stage(
         model_cfg,
