@@ -407,6 +407,21 @@ def test_checkpoint_load_of_the_checkpoints_folder_names_the_step(tmp_path: Path
     assert message.endswith(f"point it at {tmp_path / step_dir_name(4)} (named by {LATEST})")
 
 
+def test_the_loss_is_checked_against_the_vocabulary_in_one_place() -> None:
+    """validate() calls validate_loss, inside the entry point's exit-2 handler; nothing else does
+    (the trainer did too, after start-up, where a failure was a traceback)."""
+    import ast
+
+    import divprec
+
+    callers = []
+    for path in sorted(Path(divprec.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "validate_loss":
+                callers.append(path.name)
+    assert callers == ["validate.py"]
+
+
 # --- bad data: one line before any process group (the data files are read here) --------------
 
 
