@@ -20,8 +20,7 @@ from omegaconf import DictConfig
 
 from divprec.config.compose import CONF_DIR
 from divprec.config.schema import register_schema, to_typed
-from divprec.config.validate import validate, validate_loss
-from divprec.data.dataset import expected_vocab_size
+from divprec.config.validate import validate
 from divprec.parallel.distributed import launcher_world_size
 
 EXIT_CONFIG_ERROR = 2
@@ -45,8 +44,7 @@ def main(dict_cfg: DictConfig) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
     try:
         cfg = to_typed(dict_cfg)
-        validate(cfg, launcher_world_size())
-        validate_loss(cfg, expected_vocab_size(cfg.data))
+        validate(cfg, launcher_world_size())  # the data files and the tokenizer included
     except ValueError as err:
         _fail(str(err))
     logging.getLogger().setLevel(logging.INFO)

@@ -192,8 +192,6 @@ def transformer_config(
     on_gpu = torch.cuda.is_available()
     moe: dict[str, Any] = {}
     if cfg.is_moe:
-        if cfg.moe_router_expert_bias and cfg.moe_router_score_function != "sigmoid":
-            raise ValueError("model.moe_router_expert_bias needs moe_router_score_function=sigmoid")
         moe = dict(
             num_moe_experts=cfg.num_experts,
             moe_ffn_hidden_size=cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size,
@@ -345,11 +343,6 @@ def build_model(
         )
     if vocab_size % tensor_parallel:
         raise ValueError(f"vocab_size {vocab_size} is not divisible by tensor_parallel")
-    if cfg.is_moe and tensor_parallel > 1 and not sequence_parallel:
-        # megatron's MoELayer raises in training otherwise; fail at build time instead.
-        raise ValueError(
-            "MoE with tensor_parallel > 1 needs sequence_parallel=True (megatron-core)"
-        )
     if use_transformer_engine is None:
         use_transformer_engine = te_available()
     if cfg.is_moe:

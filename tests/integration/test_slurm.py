@@ -257,3 +257,26 @@ def test_time_limit_signal_from_slurm_requeues_and_resumes(slurm_cluster, tmp_pa
     # The early warning, or, if it came before the processes were up (SLURM's signal time has a
     # 60 s resolution), the time limit's SIGTERM: either way the run saved and continued.
     assert marker["signal"] in ("SIGUSR2", "SIGTERM"), marker
+
+
+def test_submit_without_a_logs_folder_writes_the_job_log(slurm_cluster, tmp_path):  # noqa: F811
+    """A plain `sbatch launch/pretrain.slurm` from a directory with nothing in it: the job runs and
+    its log is <submit dir>/divprec-<job id>.out (SLURM cannot create folders for --output; with
+    logs/%x-%j.out and no logs/ the job died before the script ran and left no log)."""
+    submit_dir = tmp_path / "submit"
+    submit_dir.mkdir()
+    run_dir = tmp_path / "slurm_run"
+    job = slurm_cluster.sbatch(
+        SCRIPT,
+        *TINY,
+        "train.steps=2",
+        f"run.dir={run_dir}",
+        options=("--nodes", "1", "--time", "10"),  # the script's own --output
+        env={**_job_env(), "PYTHONPATH": str(REPO)},  # the job runs outside the checkout
+        cwd=submit_dir,
+    )
+    info = slurm_cluster.wait_finished(job, timeout=300)
+    log = _job_log(submit_dir, job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (info, log[-6000:])
+    assert "step 2/2" in log, log[-6000:]
+    assert [m["step"] for m in _read_metrics(run_dir)] == [1, 2]

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import types
 
@@ -356,7 +357,9 @@ def test_console_line(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == [expected]
 
 
-def test_progress_bar_resumes_and_shows_postfix(tmp_path, capsys):
+def test_progress_bar_resumes_and_shows_postfix(tmp_path, capsys, monkeypatch):
+    # The bar is drawn only on a terminal; capsys's stderr is not one, so pretend it is.
+    monkeypatch.setattr("divprec.metrics.progress._is_terminal", lambda stream: True)
     bar = ProgressBar(mininterval=0.0)
     bar.on_train_start(_state(tmp_path, step=5, total=10))
     for step in range(6, 11):
@@ -372,6 +375,40 @@ def test_progress_bar_resumes_and_shows_postfix(tmp_path, capsys):
     other.on_step_end(_state(tmp_path, step=1, rank0=False), _metrics(1))
     other.on_train_end(_state(tmp_path, rank0=False))
     assert capsys.readouterr().err == ""
+
+
+_PIPED_RUN = """
+import logging, sys
+from divprec.metrics import ConsoleLogger, ProgressBar
+from divprec.metrics.callback import TrainState
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+callbacks = [ConsoleLogger(), ProgressBar(mininterval=0.0)]
+state = TrainState(step=0, total_steps=4, consumed_samples=0, run_dir=sys.argv[1],
+                   is_logging_rank=True, config={})
+for c in callbacks:
+    c.on_train_start(state)
+for step in range(1, 5):
+    state.step = step
+    for c in callbacks:
+        c.on_step_end(state, {"lm_loss": 5.0 - step, "loss": 5.0 - step})
+for c in callbacks:
+    c.on_train_end(state)
+"""
+
+
+def test_progress_bar_writes_plain_lines_into_a_pipe(tmp_path):
+    """A SLURM .out file or a pipe gets the step lines and no carriage-return frames."""
+    proc = subprocess.run(  # capture_output: stdout and stderr are pipes
+        [sys.executable, "-c", _PIPED_RUN, str(tmp_path)],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        timeout=120,
+        check=True,
+    )
+    assert b"\r" not in proc.stderr, proc.stderr
+    lines = proc.stderr.decode().splitlines()
+    assert lines == [f"step {s}/4 | lm_loss {5 - s:.3f} | loss {5 - s:.3f}" for s in range(1, 5)]
 
 
 def test_build_callbacks():
