@@ -541,21 +541,13 @@ def _free_megatron() -> None:
 
 def _threshold_methods(topk: int, device: str = "cpu") -> dict:
     """Ways to get the row max and the k-th largest logit of a chunk [c, v], the loss's step 1."""
-    from divprec.loss import native_select
-    from divprec.loss import vocab_parallel as vp
+    from divprec.loss import block_topk, local_top, native_select
 
     def native(z):  # divprec's on CPU (loss.kernel compiled/auto): the C kernel, chunks in threads
-        tau = torch.empty(z.shape[0])
-
-        def rows(r):
-            tau[r] = native_select.block_topk(z[r], topk)[1].amin(dim=-1)
-
-        vp._for_each_chunk(z.shape[0], vp._chunk_rows(z.shape[1], z.device, compiled=False),
-                           z.device, rows, threads=True)  # fmt: skip
-        return tau
+        return local_top.NATIVE.run(z, topk).values_and_ties[:, :topk].amin(dim=-1)
 
     def blocks(z):  # divprec's: block maxima give the max; top-k over the best blocks' logits
-        return vp._local_top(z, topk, vp._block_size(z.shape[1], topk))[1].amin(dim=-1)
+        return block_topk.local_top(z, topk, block_topk.block_size(z.shape[1], topk))[1].amin(-1)
 
     def full_topk(z):  # torch.topk over the whole row, then the max from it
         return torch.topk(z, topk, dim=-1, sorted=False).values.amin(dim=-1)
@@ -568,21 +560,21 @@ def _threshold_methods(topk: int, device: str = "cpu") -> dict:
 
     methods = {"row_max_only": max_only, "block_topk": blocks, "torch_topk": full_topk,
                "kthvalue": kthvalue}  # fmt: skip
-    if device == "cpu" and native_select.usable("auto"):
+    if device == "cpu" and native_select.available():
         methods["native_block_topk"] = native
     return methods
 
 
 def run_threshold(args) -> list[dict]:
     """Time of step 1 (row max and top-k threshold) by each method, on the loss's row chunks."""
-    from divprec.loss import vocab_parallel as vp
+    from divprec.loss import chunks
 
     records = []
     for vocab in args.vocab:
         for tokens in args.tokens:
             logits, block, _ = _make_inputs(vocab, tokens, 1, 0, args.dtype[0], args.device)
             _fill(logits, block)
-            step = vp._chunk_rows(vocab, logits.device, compiled=True)
+            step = chunks.chunk_rows(vocab, logits.device, compiled=True)
             for topk in args.topk:
                 times = {}
                 for name, fn in _threshold_methods(topk, args.device).items():

@@ -162,9 +162,9 @@ def test_ties_at_kth_value_are_all_in_topk():
 
 
 def test_rows_span_several_chunks(monkeypatch):
-    import divprec.loss.vocab_parallel as vp
+    from divprec.loss import chunks
 
-    monkeypatch.setattr(vp, "_CHUNK_ELEMENTS", VOCAB * 5)  # 5 rows per chunk, 12 rows
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", VOCAB * 5)  # 5 rows per chunk, 12 rows
     logits, target = make_case(rows=12)
     cfg = ShapedLossConfig(beta=0.5, topk=5, topk_negative_reward=0.1, tail_negative_reward=-0.05)
     loss, grad, _ = run(logits, target, cfg)
@@ -257,9 +257,9 @@ def assert_matches_reference(loss, grad, stats, logits, target, cfg):
 @pytest.mark.parametrize("topk", [1, 5, 32])
 @pytest.mark.parametrize("rewards", [(0.0, -0.1), (0.2, -0.3), (0.1, 0.1)])
 def test_block_path_matches_float64_policy_gradient(topk, rewards):
-    import divprec.loss.vocab_parallel as vp
+    from divprec.loss import block_topk
 
-    assert vp._block_size(WIDE, topk) is not None  # the block path, not the whole-row top-k
+    assert block_topk.block_size(WIDE, topk) is not None  # the block path, not the whole-row top-k
     cfg = ShapedLossConfig(
         beta=-0.25, topk=topk, topk_negative_reward=rewards[0], tail_negative_reward=rewards[1]
     )
@@ -286,14 +286,14 @@ def assert_head_gradient_marks_k_t(logits, target, cfg):
 
 @pytest.mark.parametrize("topk", [1, 3, 20, 100])
 def test_local_top_by_blocks_is_the_exact_top_k(topk):
-    import divprec.loss.vocab_parallel as vp
+    from divprec.loss import block_topk
 
     g = torch.Generator().manual_seed(topk)
     rows = [torch.randn(8, 32768, generator=g), torch.randint(-5, 6, (8, 32768), generator=g)]
     for z in (*rows, rows[0].bfloat16(), rows[1].bfloat16()):
-        block = vp._block_size(z.shape[1], topk)
+        block = block_topk.block_size(z.shape[1], topk)
         assert block is not None
-        row_max, values, ties = vp._local_top(z, topk, block)
+        row_max, values, ties = block_topk.local_top(z, topk, block)
         expected = torch.topk(z.float(), topk, dim=-1).values
         torch.testing.assert_close(
             values.sort(dim=-1, descending=True).values, expected, rtol=0, atol=0
@@ -330,11 +330,11 @@ def test_bf16_ties_at_the_threshold_on_the_block_path():
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("sub_chunk_rows", [1, 2, 32])
 def test_chunks_in_threads_match_reference(monkeypatch, threads, sub_chunk_rows, kernel):
-    import divprec.loss.vocab_parallel as vp
+    from divprec.loss import chunks
 
-    monkeypatch.setattr(vp, "_CHUNK_ELEMENTS", WIDE * 5)  # 5 rows per chunk, 16 rows: 4 chunks
-    monkeypatch.setattr(vp, "_COMPILED_CHUNK_ELEMENTS", WIDE * 5)
-    monkeypatch.setattr(vp, "_SUB_CHUNK_ELEMENTS", WIDE * sub_chunk_rows)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", WIDE * 5)  # 5 rows per chunk, 16 rows: 4 chunks
+    monkeypatch.setattr(chunks, "COMPILED_CHUNK_ELEMENTS", WIDE * 5)
+    monkeypatch.setattr(chunks, "SUB_CHUNK_ELEMENTS", WIDE * sub_chunk_rows)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -429,10 +429,10 @@ def test_inplace_fails_loudly_when_the_logits_are_needed_elsewhere():
 @pytest.mark.parametrize("chunk_rows", [1, 3, 100])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_bf16_gradient_is_the_fp32_gradient_rounded(monkeypatch, chunk_rows, kernel):
-    import divprec.loss.vocab_parallel as vp
+    from divprec.loss import chunks
 
-    monkeypatch.setattr(vp, "_CHUNK_ELEMENTS", WIDE * chunk_rows)
-    monkeypatch.setattr(vp, "_COMPILED_CHUNK_ELEMENTS", WIDE * chunk_rows)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", WIDE * chunk_rows)
+    monkeypatch.setattr(chunks, "COMPILED_CHUNK_ELEMENTS", WIDE * chunk_rows)
     logits, target = make_wide_case()
     logits16 = logits.bfloat16()
     cfg = ShapedLossConfig(beta=-0.25, topk=5, tail_negative_reward=-0.1, kernel=kernel)

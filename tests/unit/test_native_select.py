@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
 from compile_support import needs_c_compiler as needs_cc
 from loss_reference import reference, relative_error
 
-from divprec.loss import ShapedLossConfig, native_select, shaped_loss
+from divprec.loss import ShapedLossConfig, local_top, native_select, row_kernels, shaped_loss
 
 
 def _rows(cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -83,11 +84,12 @@ def test_compiled_loss_runs_the_kernel_and_matches_the_reference(monkeypatch):
 
 @pytest.fixture
 def unbuilt(monkeypatch, tmp_path):
-    """A fresh kernel state with an empty cache directory."""
+    """A fresh kernel state with an empty cache directory, nothing agreed yet."""
     monkeypatch.setenv("DIVPREC_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(native_select, "_LIBRARY", None)
     monkeypatch.setattr(native_select, "_ERROR", None)
-    monkeypatch.setattr(native_select, "_WARNED", False)
+    monkeypatch.setattr(local_top, "_AGREED", {})
+    monkeypatch.setattr(local_top, "_WARNED", False)
     return tmp_path
 
 
@@ -110,27 +112,28 @@ def test_the_kernel_is_built_once_into_the_cache(unbuilt, monkeypatch):
 
 
 def test_without_a_compiler_auto_warns_once_and_compiled_fails(unbuilt, monkeypatch, caplog):
-    def no_compiler():
-        raise native_select.BuildError("no C compiler found (set CC, or install gcc)")
-
-    monkeypatch.setattr(native_select, "_compiler", no_compiler)
-    with caplog.at_level(logging.WARNING, logger=native_select.__name__):
-        assert not native_select.usable("auto")
-        assert not native_select.usable("auto")
-    assert caplog.text.count("could not be built") == 1 and "loss.kernel=eager" in caplog.text
-    assert not native_select.usable("eager")
-    with pytest.raises(native_select.BuildError, match="no C compiler"):
-        native_select.usable("compiled")
-    # "auto" on a call large enough to compile still gives the exact loss, from the torch ops.
-    from divprec.loss import row_kernels
-
-    monkeypatch.setattr(row_kernels, "AUTO_MIN_ELEMENTS", 0)
+    # A compiler that fails for real: the build runs it and gets a non-zero exit.
+    failing = unbuilt / "failing-cc"
+    failing.write_text("#!/bin/sh\necho 'failing-cc: error: cannot compile' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    monkeypatch.setattr(row_kernels, "AUTO_MIN_ELEMENTS", 0)  # "auto" on a toy call
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(6, 512, generator=g)
     target = torch.randint(0, 512, (6,), generator=g)
-    cfg = ShapedLossConfig(beta=-0.25, topk=20, tail_negative_reward=-0.1)
-    z = logits.clone().requires_grad_(True)
-    loss, _ = shaped_loss(z, target, cfg)
-    loss.sum().backward()
-    _, ref_grad, _ = reference(logits, target, cfg)
-    assert relative_error(z.grad, ref_grad) < 1e-5
+    cfg = ShapedLossConfig(beta=-0.25, topk=20, tail_negative_reward=-0.1, kernel="eager")
+    assert local_top.select("eager", logits, None) is local_top.TORCH  # never builds
+    assert native_select._ERROR is None and not list(unbuilt.glob("*.so"))
+    assert not native_select.available()
+    for _ in range(2):  # "auto": the exact loss from the torch ops, one warning
+        with caplog.at_level(logging.WARNING, logger=local_top.__name__):
+            assert local_top.select("auto", logits, None) is local_top.TORCH
+        z = logits.clone().requires_grad_(True)
+        loss, _ = shaped_loss(z, target, replace(cfg, kernel="auto"))
+        loss.sum().backward()
+        _, ref_grad, _ = reference(logits, target, cfg)
+        assert relative_error(z.grad, ref_grad) < 1e-5
+    assert caplog.text.count("could not be built") == 1 and "loss.kernel=eager" in caplog.text
+    assert "failing-cc: error: cannot compile" in caplog.text
+    with pytest.raises(native_select.BuildError, match="cannot compile"):
+        shaped_loss(logits, target, replace(cfg, kernel="compiled"))

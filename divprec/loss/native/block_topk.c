@@ -1,6 +1,6 @@
 /*
  * The shaped loss's step 1 on CPU: per row, the max and the k largest logits (any order), exactly,
- * by blocks. The algorithm of divprec.loss.vocab_parallel._local_top:
+ * by blocks. The algorithm of divprec.loss.block_topk.local_top (torch ops):
  *
  *   1. the maxima of blocks of logits (one read of the row) give the row max;
  *   2. t = the k-th largest block maximum. At least k logits are >= t (one per top block), so the
