@@ -34,10 +34,13 @@ static inline float bf16_to_f32(uint16_t v) {
     return f;
 }
 
-/* Order-preserving map of floats to unsigned keys (larger float, larger key; -0.0 < +0.0). */
+/* Order-preserving map of floats to unsigned keys: larger float, larger key, and equal floats
+ * equal keys. -0.0 is mapped as +0.0: the loss decides K_t by z >= tau (IEEE, where -0.0 equals
+ * +0.0), so the ties counted here must count both zeros alike. */
 static inline uint32_t key_of(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
+    u = (u == 0x80000000u) ? 0u : u; /* -0.0 -> +0.0 */
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
