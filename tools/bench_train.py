@@ -175,9 +175,6 @@ def main(argv=None) -> int:
     histories: dict[str, list[list[dict]]] = {loss: [] for loss in args.losses}
     tmp = tempfile.mkdtemp(prefix="bench_train_")
     t0 = time.perf_counter()
-    # The trainer forms a world of one through these (see divprec.parallel.distributed).
-    env_keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    env_before = {k: os.environ.get(k) for k in env_keys}
     try:
         for r in range(args.rounds):
             for i, loss in enumerate(args.losses):
@@ -193,12 +190,7 @@ def main(argv=None) -> int:
     finally:
         from divprec.parallel.distributed import shutdown_distributed
 
-        shutdown_distributed()
-        for k, v in env_before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        shutdown_distributed()  # the runs shared the trainer's world of one
         if not args.keep:
             import shutil
 

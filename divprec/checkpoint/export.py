@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -200,47 +199,6 @@ def load_run_config(step_dir: Path):
         ) from err
 
 
-@contextlib.contextmanager
-def single_process_world(seed: int) -> Iterator[None]:
-    """torch.distributed and megatron-core at tensor = pipeline = 1 in this process only.
-
-    Reuses a world of one the caller already has; otherwise creates it (gloo on CPU) and tears
-    it down, restoring the rendezvous variables and the RNG state it changed.
-    """
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from divprec.parallel.config import ParallelConfig
-    from divprec.parallel.distributed import init_distributed
-
-    if dist.is_initialized() and dist.get_world_size() != 1:
-        raise RuntimeError("the export runs in a single process (world size 1), not under torchrun")
-    if parallel_state.model_parallel_is_initialized() and (
-        parallel_state.get_tensor_model_parallel_world_size() != 1
-        or parallel_state.get_pipeline_model_parallel_world_size() != 1
-    ):
-        raise RuntimeError("the export needs megatron-core at tensor = pipeline = 1")
-    created_world = not dist.is_initialized()
-    created_groups = not parallel_state.model_parallel_is_initialized()
-    env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}  # fmt: skip
-    # Seeding megatron's RNG tracker reseeds torch's default generator: keep the caller's.
-    with torch.random.fork_rng(devices=[]):
-        init_distributed(ParallelConfig(tensor=1, pipeline=1), seed)
-        try:
-            yield
-        finally:
-            if created_groups:
-                parallel_state.destroy_model_parallel()
-            if created_world:
-                dist.destroy_process_group()
-                for key, value in env.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
-
-
 def build_full_model(cfg, vocab_size: int, params_dtype):
     """The whole model of ``cfg`` at tensor = pipeline = 1 with local layers (inside a world).
 
@@ -347,6 +305,7 @@ def export_model(checkpoint: Path, out: Path, dtype: str = "fp32") -> dict[str, 
     from safetensors.torch import save_file
 
     from divprec.config.schema import to_dict
+    from divprec.parallel.distributed import single_process_world
 
     metadata = read_metadata(step_dir)
     cfg = load_run_config(step_dir)

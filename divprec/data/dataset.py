@@ -15,13 +15,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from divprec.data.batches import build_batch_iterator
@@ -34,6 +31,7 @@ from divprec.data.config import (
 from divprec.data.default_corpus import ensure_default_corpus
 from divprec.data.megatron_helpers import ensure_megatron_helpers
 from divprec.data.tokenizer import Tokenizer
+from divprec.parallel.distributed import single_process_world
 
 __all__ = ["GPTDatasets", "ResolvedData", "build_batch_iterator", "build_gpt_datasets"]
 
@@ -100,20 +98,6 @@ def _num_tokens(prefix: str) -> int:
     return int(dataset.sequence_lengths.sum())
 
 
-@contextmanager
-def _process_group_for_megatron() -> Iterator[None]:
-    # Megatron's BlendedDataset asks torch.distributed for the rank on an index-cache miss even
-    # in a single process; give it a one-process group for the duration of the build.
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def build_gpt_datasets(
     cfg: DataConfig | Any,
     *,
@@ -167,7 +151,9 @@ def build_gpt_datasets(
         # Megatron needs sizes for weighted blends; 0 builds an empty split we then drop.
         skipped = [n is None for n in sizes]
         sizes = [0 if n is None else n for n in sizes]
-    with _process_group_for_megatron():
+    # Megatron's BlendedDataset asks torch.distributed for the rank on an index-cache miss even
+    # in a single process: the build runs inside a world (of one, unless a launcher made one).
+    with single_process_world(model_parallel=False):
         splits = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     train, valid, test = (None if skip else ds for ds, skip in zip(splits, skipped, strict=True))
     if train is None or len(train) == 0:

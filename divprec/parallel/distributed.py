@@ -1,14 +1,18 @@
 """Process groups: torch.distributed from the launcher's environment, then megatron-core's groups.
 
 Works under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, ... set) and as a plain single process
-(a world of one on a free loopback port). Without CUDA the backend is gloo and megatron-core runs on
-CPU through divprec.parallel.cpu.
+(a world of one over an in-memory store: no port, no environment variable changed). Without CUDA
+the backend is gloo and megatron-core runs on CPU through divprec.parallel.cpu.
+:func:`single_process_world` is the one way code outside the trainer (export, dataset builds,
+benchmarks) forms a world of one and undoes exactly what it created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -54,16 +58,14 @@ def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _ensure_rendezvous_env() -> None:
-    """A single process started without torchrun still needs an address to form its world of one."""
+def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """The launcher's world (env:// rendezvous), or a world of one when no launcher set one."""
     if "MASTER_ADDR" in os.environ:
-        return
-    from divprec.parallel.spawn import free_port
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1"
-    )
-    os.environ.setdefault("LOCAL_RANK", "0")
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
 
 
 def init_distributed(cfg: ParallelConfig, seed: int) -> ParallelContext:
@@ -83,10 +85,7 @@ def init_distributed(cfg: ParallelConfig, seed: int) -> ParallelContext:
         enable_cpu_execution()
         device = torch.device("cpu")
     if not dist.is_initialized():
-        _ensure_rendezvous_env()
-        dist.init_process_group(
-            backend=backend, timeout=datetime.timedelta(minutes=cfg.timeout_minutes)
-        )
+        _init_process_group(backend, datetime.timedelta(minutes=cfg.timeout_minutes))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=cfg.tensor,
@@ -119,3 +118,41 @@ def shutdown_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def single_process_world(seed: int = 0, *, model_parallel: bool = True) -> Iterator[None]:
+    """torch.distributed (and, with ``model_parallel``, megatron-core's groups at tensor =
+    pipeline = 1 and its RNG tracker) in this process, for the duration of the block.
+
+    Reuses what the caller already has (without ``model_parallel``, a launcher's world of any
+    size) and tears down only what it created; torch's default RNG state is restored (seeding
+    megatron's tracker reseeds it). Collectives: none beyond group creation.
+    """
+    from megatron.core import parallel_state
+
+    if model_parallel and dist.is_initialized() and dist.get_world_size() != 1:
+        raise RuntimeError("this runs in a single process (world size 1), not under torchrun")
+    if (
+        model_parallel
+        and parallel_state.model_parallel_is_initialized()
+        and (
+            parallel_state.get_tensor_model_parallel_world_size() != 1
+            or parallel_state.get_pipeline_model_parallel_world_size() != 1
+        )
+    ):
+        raise RuntimeError("this needs megatron-core at tensor = pipeline = 1")
+    created_world = not dist.is_initialized()
+    created_groups = model_parallel and not parallel_state.model_parallel_is_initialized()
+    with torch.random.fork_rng(devices=[]):
+        if model_parallel:
+            init_distributed(ParallelConfig(tensor=1, pipeline=1), seed)
+        elif created_world:
+            _init_process_group("gloo", datetime.timedelta(minutes=30))
+        try:
+            yield
+        finally:
+            if created_groups:
+                parallel_state.destroy_model_parallel()
+            if created_world and dist.is_initialized():
+                dist.destroy_process_group()

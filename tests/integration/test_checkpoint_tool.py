@@ -61,8 +61,8 @@ def _check_exports(rank: int, world: int, single: str, tp2: str, out: str) -> di
         build_full_model,
         export_model,
         load_run_config,
-        single_process_world,
     )
+    from divprec.parallel.distributed import single_process_world
 
     out_dir = Path(out)
     summaries = {
