@@ -1,4 +1,5 @@
-"""Smoke test of tools/bench_loss.py and tools/bench_train.py at toy sizes: their JSON output."""
+"""Smoke test of tools/bench_loss.py, tools/bench_threshold.py and tools/bench_train.py at toy
+sizes: their JSON output."""
 
 from __future__ import annotations
 
@@ -73,10 +74,10 @@ def test_bench_loss_skips_what_does_not_fit(tmp_path, capsys):
     assert "needs ~" in capsys.readouterr().out
 
 
-def test_bench_loss_threshold_methods(tmp_path):
+def test_bench_threshold_methods(tmp_path):
     out = tmp_path / "threshold.json"
-    bench = _load("bench_loss")
-    args = ["--threshold", "--vocab", "2048", "--tokens", "32", "--topk", "1", "50"]
+    bench = _load("bench_threshold")
+    args = ["--vocab", "2048", "--tokens", "32", "--topk", "1", "50"]
     assert bench.main([*args, "--repeats", "1", "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     from divprec.loss import native_select
@@ -91,11 +92,12 @@ def test_bench_loss_threshold_methods(tmp_path):
     import torch
 
     z = torch.randn(32, 2048)
-    fns = bench._threshold_methods(50)
+    fns = bench.methods(50)
     expected = torch.topk(z, 50, dim=-1).values[:, -1]
     for name in methods - {"row_max_only", "kthvalue"}:
         torch.testing.assert_close(fns[name](z), expected, rtol=0, atol=0)
     torch.testing.assert_close(fns["kthvalue"](z)[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(fns["row_max_only"](z), z.amax(dim=-1), rtol=0, atol=0)
 
 
 def test_bench_train_json(tmp_path):
