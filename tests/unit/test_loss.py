@@ -66,11 +66,31 @@ def test_matches_float64_policy_gradient(form, beta, topk, rewards, kernel):
         assert stats[name].dtype == torch.float32 and not stats[name].requires_grad
 
 
-def test_target_inside_and_outside_topk_are_both_exercised():
+def test_targets_inside_and_outside_k_t_are_told_apart_and_both_right():
+    # The fixture puts targets in K_t and out of it; divprec must see which (its target_rank:
+    # the target is in K_t iff fewer than k logits are larger) and get both kinds right.
     logits, target = make_case()
-    kth = torch.topk(logits, 5, dim=-1).values[:, -1]
+    cfg = ShapedLossConfig(beta=-0.25, topk=5, topk_negative_reward=0.2, tail_negative_reward=-0.1)
+    loss, grad, stats = run(logits, target, cfg)
+    kth = torch.topk(logits, cfg.topk, dim=-1).values[:, -1]
     inside = logits.gather(-1, target[:, None])[:, 0] >= kth
     assert inside.any() and (~inside).any()
+    assert torch.equal(stats["target_rank"] < cfg.topk, inside)
+    ref_loss, ref_grad, ref_stats = reference(logits, target, cfg)
+    torch.testing.assert_close(stats["target_rank"].double(), ref_stats["target_rank"])
+    for rows in (inside, ~inside):
+        torch.testing.assert_close(loss[rows].double(), ref_loss[rows], rtol=1e-5, atol=1e-6)
+        for name in STAT_NAMES:  # topk_mass counts the target's mass only when it is in K_t
+            torch.testing.assert_close(
+                stats[name][rows].double(), ref_stats[name][rows], rtol=1e-5, atol=1e-6
+            )
+        assert relative_error(grad[rows], ref_grad[rows]) < 1e-5
+        # The target's own gradient: -(1 - pi_x) w plus the negatives' pull, K_t or not.
+        x = target[rows]
+        got = grad[rows].gather(-1, x[:, None])
+        torch.testing.assert_close(
+            got.double(), ref_grad[rows].gather(-1, x[:, None]), rtol=1e-5, atol=1e-7
+        )
 
 
 def test_defaults_equal_cross_entropy():
