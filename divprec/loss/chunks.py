@@ -13,16 +13,16 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 # Logits per chunk. Eager on CPU: small enough (8 MiB of fp32) that a chunk's many small ops run
-# from the cache; measure it against the last-level cache per core. Compiled on CPU: larger,
-# because a fused loop's cost is per call, not per cache miss (pick the fastest of 2^19..2^27 by
-# `tools/bench_loss.py --kernel compiled`). On CUDA larger still (fewer kernel launches and host
-# syncs); that value is a guess, not yet measured.
+# from the cache; the value to measure is the last-level cache per core. Compiled on CPU: larger,
+# because a fused loop's cost is per call, not per cache miss; the fastest of 2^19..2^27 in
+# `tools/bench_loss.py --kernel compiled` (the value changed here) is the one to keep. On CUDA
+# larger still (fewer kernel launches and host syncs); that value is a guess, not yet measured.
 CHUNK_ELEMENTS = 1 << 21
 COMPILED_CHUNK_ELEMENTS = 1 << 24
 CUDA_CHUNK_ELEMENTS = 1 << 25
 # An eager pass runs in sub-chunks of about this many logits on CPU, so that its several
-# sub-chunk-sized fp32 temporaries fit in one core's L2 cache (512 KiB each at 2^17: tune it to
-# the L2 size, e.g. by `tools/bench_loss.py --kernel eager`). A compiled pass makes no
+# sub-chunk-sized fp32 temporaries (512 KiB each at 2^17) stay in one core's L2 cache: measure
+# the L2 size, and `tools/bench_loss.py --kernel eager` around it. A compiled pass makes no
 # temporaries and takes a whole chunk per call.
 SUB_CHUNK_ELEMENTS = 1 << 17
 
