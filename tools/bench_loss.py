@@ -4,6 +4,7 @@
     python tools/bench_loss.py --quick                               # one small case, 3 repeats
     python tools/bench_loss.py --cases 'v32768-t4096-k100-tp1-*' --threads 1 --repeats 5
     python tools/bench_loss.py --device cuda --dtype bf16 --tp 1     # on a GPU
+    python tools/bench_loss.py --quick --steps                       # and each step's time
 
 (Step 1's top-k threshold methods alone: tools/bench_threshold.py.)
 
@@ -36,6 +37,9 @@ config, inplace, kernel (loss.kernel), shaped_ms, megatron_ce_ms, time_ratio, sh
 megatron_ce_peak_bytes, memory_ratio, and also the CPU time (ms of user+sys time of the process;
 robust to other load for single-threaded runs), every repeat's wall time, the threads, the load
 average and the memory method. Skipped cases carry ``skipped`` (the reason) and null numbers.
+With ``--steps``, ``shaped_steps_ms``: the median ms of each step of the shaped loss
+(divprec.loss.step_times: each step between device syncs, a collective with its wait), from
+``repeats`` more calls after the timed ones; null without.
 """
 
 from __future__ import annotations
@@ -186,6 +190,7 @@ def _run_group(g: Group, args) -> list[dict]:
         "functions": ["megatron_ce"] + [v.key for v in run_variants],
         "impl": args.impl,
         "kernel": args.kernel,
+        "steps": args.steps,
     }
     from divprec.parallel.spawn import run_in_processes
 
@@ -267,6 +272,7 @@ def _record(g, v, args, shaped, megatron, skipped, meta=None) -> dict:
         memory_ratio=(
             shaped["peak"] / megatron["peak"] if shaped["peak"] and megatron["peak"] else None
         ),
+        shaped_steps_ms=shaped.get("steps"),
         **(meta or {}),
     )
     return rec
@@ -305,6 +311,10 @@ def print_table(records: list[dict]) -> None:
             f"{_fmt_bytes(r['shaped_peak_bytes']):>11s} {_fmt_bytes(r['megatron_ce_peak_bytes']):>10s} "
             f"{_fmt(r['memory_ratio'], '6.3f')}"
         )
+    for r in records:
+        if r.get("shaped_steps_ms"):
+            steps = ", ".join(f"{name} {ms:.1f}" for name, ms in r["shaped_steps_ms"].items())
+            print(f"steps of {r['case']} (ms): {steps}")
 
 
 def parse_args(argv=None):
@@ -343,6 +353,11 @@ def parse_args(argv=None):
         choices=("auto", "compiled", "eager"),
         default="auto",
         help="loss.kernel of the shaped loss: its passes compiled (torch.compile) or eager",
+    )
+    p.add_argument(
+        "--steps",
+        action="store_true",
+        help="also time each step of the shaped loss (divprec.loss.step_times), in extra calls",
     )
     p.add_argument("--json", default=None, help="write the case records here")
     p.add_argument(

@@ -29,7 +29,8 @@ scale, by z >= tau); then the targets' entries. Recomputing e costs one exp per 
 writing and reading back a vocabulary-sized buffer.
 
 The two passes are compiled (``loss.kernel``: one fused loop each, C++ on CPU, Triton on CUDA) or
-run eagerly; the code and the results are the same.
+run eagerly; the code and the results are the same. divprec.loss.step_times times each step
+on request.
 
 Memory: nothing vocabulary-sized is allocated in the forward, and the logits themselves (not a
 copy) are saved for the backward. The backward allocates the gradient in the logits' dtype, or,
@@ -43,7 +44,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from divprec.loss import chunks, local_top, row_kernels, targets, threshold
+from divprec.loss import chunks, local_top, row_kernels, step_times, targets, threshold
 from divprec.loss.config import ShapedLossConfig
 from divprec.loss.rewards import RowSums, ShapedRows, shaped_rows
 
@@ -75,12 +76,11 @@ def _row_sums(
     row_max: torch.Tensor,
     target_rank: torch.Tensor | None,
     kernel: str,
-    group: dist.ProcessGroup | None,
 ) -> torch.Tensor:
-    """Step 3: the packed row sums [4, n] (row_kernels.SUM_ROWS, then the target's e), global.
+    """Step 3: the packed row sums [4, n] (row_kernels.SUM_ROWS, then the target's e).
 
     target_logit [n] fp32, global; target_rank [n] from step 1, or None: then the pass counts
-    it. Collective (tp > 1): all-reduce SUM [4, n] fp32.
+    it. This rank's sums; no collectives.
     """
     n = z.shape[0]
     sums = torch.zeros((_TARGET_EXP + 1, n), dtype=torch.float32, device=z.device)
@@ -98,7 +98,7 @@ def _row_sums(
     # The target's e, from the owning rank (the pass above left it out of every sum).
     owned = shard.rows
     sums[_TARGET_EXP, owned] = torch.exp(target_logit[owned] - row_max[owned])
-    return _all_reduce(sums, dist.ReduceOp.SUM, group)
+    return sums
 
 
 def _per_token(
@@ -137,24 +137,34 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
         z, private = _as_rows(logits)  # [n, v/tp]
         tgt = target.reshape(-1)  # [n]
         targets.check(tgt, z.shape[0], vocab, logits.shape)
+        lap = step_times.laps(z.device)  # marks the steps' ends (timed only when recording)
         kernel = row_kernels.resolve(cfg.kernel, z.numel())
         strategy = local_top.select(kernel, z, group)
 
         # 0. The target's logit, from its owner.
         shard = targets.locate(z, tgt, rank)
         target_logit = _all_reduce(shard.logit.clone(), dist.ReduceOp.MAX, group)  # [n]
+        lap("0 target logit")
         # 1. Local max and top-k (the target's rank too, if the strategy counts it); global max.
         top = strategy.run(z, min(cfg.topk, z.shape[1]), target_logit)
+        lap("1 local top-k")
         row_max = _all_reduce(top.row_max, dist.ReduceOp.MAX, group)  # [n]
+        lap("1 all-reduce max")
         # 2. The threshold, and the sums over K_t from the gathered top-k lists.
         gathered = threshold.gather_lists(top.values_and_ties, group)  # [tp, n, k + 1]
+        lap("2 all-gather")
         tau, *head = threshold.threshold_and_head(
             gathered, cfg.topk, row_max, target_logit, strategy.kth_largest
         )
+        lap("2 threshold and head")
         # 3. The pass over the logits, the target left out of its sums.
-        sums = _row_sums(z, shard, target_logit, row_max, top.target_rank, kernel, group)  # [4, n]
+        sums = _row_sums(z, shard, target_logit, row_max, top.target_rank, kernel)  # [4, n]
+        lap("3 pass")
+        sums = _all_reduce(sums, dist.ReduceOp.SUM, group)
+        lap("3 all-reduce sum")
         # 4. Per token.
         rows_out = _per_token(sums, head, tau, row_max, target_logit, cfg)
+        lap("4 per token")
 
         # The logits themselves are saved (a private contiguous copy only if they were strided);
         # the backward writes the gradient into them when that is allowed.
@@ -177,6 +187,7 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
             ctx.saved_tensors
         )
         z = saved.view(-1, ctx.input_shape[-1])  # [n, v/tp]
+        lap = step_times.laps(z.device)
         g = grad_loss.reshape(-1).float()  # [n]
         head_scale = (head_scale * g).contiguous()
         tail_scale = (tail_scale * g).contiguous()
@@ -188,6 +199,7 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
             threads=not passes.compiled,
         )  # fmt: skip
         grad[owned_rows, owned_cols] = (target_grad[owned_rows] * g[owned_rows]).to(grad.dtype)
+        lap("backward")
         return grad.view(ctx.input_shape), None, None, None, None
 
 

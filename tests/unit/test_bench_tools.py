@@ -36,7 +36,7 @@ def test_bench_loss_json(tmp_path):
     out = tmp_path / "loss.json"
     bench = _load("bench_loss")
     args = ["--vocab", "512", "--tokens", "64", "--topk", "1", "100", "--tp", "1", "--repeats", "1"]
-    assert bench.main([*args, "--configs", "paper", "--json", str(out)]) == 0
+    assert bench.main([*args, "--configs", "paper", "--steps", "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     # topk {1, 100} x inplace {off, on} for fp32.
     assert len(records) == 4
@@ -57,6 +57,9 @@ def test_bench_loss_json(tmp_path):
         )
         for key in ("shaped_ms", "megatron_ce_ms", "time_ratio", "memory_ratio"):
             assert _positive(r[key]), (key, r[key])
+        steps = r["shaped_steps_ms"]  # --steps: each step of the loss (divprec.loss.step_times)
+        assert list(steps)[:2] == ["0 target logit", "1 local top-k"] and "backward" in steps
+        assert all(ms >= 0 for ms in steps.values()) and _positive(sum(steps.values()))
         inputs = 512 * 64 * 4
         # Peaks count the inputs; megatron-core's CE works in place on fp32 logits.
         assert r["megatron_ce_peak_bytes"] >= inputs and r["shaped_peak_bytes"] >= inputs

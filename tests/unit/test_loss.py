@@ -522,3 +522,22 @@ def test_auto_kernel_compiles_large_calls_only():
 def test_kernel_must_be_known():
     with pytest.raises(ValueError, match="loss.kernel must be one of auto, compiled, eager"):
         ShapedLossConfig(kernel="triton")
+
+
+def test_step_times_records_every_step_and_changes_nothing():
+    from divprec.loss import step_times
+
+    logits, target = make_wide_case()
+    cfg = ShapedLossConfig(beta=-0.25, topk=5, tail_negative_reward=-0.1)
+    loss, grad, _ = run(logits, target, cfg)
+    with step_times.recording() as seconds:
+        loss_r, grad_r, _ = run(logits, target, cfg)
+        with pytest.raises(RuntimeError, match="already active"), step_times.recording():
+            pass
+    steps = ["0 target logit", "1 local top-k", "1 all-reduce max", "2 all-gather"]
+    steps += ["2 threshold and head", "3 pass", "3 all-reduce sum", "4 per token", "backward"]
+    assert list(seconds) == steps and all(s >= 0 for s in seconds.values())
+    assert torch.equal(loss_r, loss) and torch.equal(grad_r, grad)
+    before = dict(seconds)
+    run(logits, target, cfg)  # outside the block: nothing recorded
+    assert seconds == before

@@ -139,11 +139,31 @@ def measure(rank: int, world: int, spec: dict) -> dict:
             wall, cpu = _slowest(list(timed_call(fns[name], logits, block, target, device)), world)
             out[name]["wall"].append(wall)
             out[name]["cpu"].append(cpu)
+    if spec.get("steps"):
+        for name in names[1:] if names[0] == "megatron_ce" else names:
+            out[name]["steps"] = _step_ms(fns[name], logits, block, target, device, spec, world)
     if spec["memory"] == "alloc":
         for name in names:
             peak = alloc_peak(fns[name], logits, block, target, device)
             out[name]["peak"] = int(_slowest([peak], world)[0])
     return out
+
+
+def _step_ms(fn, logits, block, target, device, spec, world) -> dict[str, float]:
+    """Median ms of each of the loss's steps (divprec.loss.step_times) over ``repeats`` recorded
+    calls; with tp > 1 the slower rank's."""
+    import statistics
+
+    from divprec.loss import step_times
+
+    calls = []
+    for _ in range(spec["repeats"]):
+        with step_times.recording() as seconds:
+            timed_call(fn, logits, block, target, device)
+        calls.append(seconds)
+    names = list(calls[0])
+    medians = [statistics.median(c[n] for c in calls) * 1e3 for n in names]
+    return dict(zip(names, _slowest(medians, world), strict=True))
 
 
 def rss_worker(rank: int, world: int, spec: dict) -> int:
