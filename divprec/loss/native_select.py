@@ -176,11 +176,18 @@ def block_topk(
             raise ValueError(f"block_topk: above must be [{rows}], got {tuple(above.shape)}")
         counts = torch.empty(rows, dtype=torch.float32)
     status = library().divprec_block_topk(
-        z.data_ptr(), int(z.dtype == torch.bfloat16), rows, cols, z.stride(0), k,
-        row_max.data_ptr(), top.data_ptr(), ties.data_ptr(),
+        z.data_ptr(),
+        int(z.dtype == torch.bfloat16),
+        rows,
+        cols,
+        z.stride(0),
+        k,
+        row_max.data_ptr(),
+        top.data_ptr(),
+        ties.data_ptr(),
         None if above is None else above.data_ptr(),
         None if counts is None else counts.data_ptr(),
-    )  # fmt: skip
+    )
     if status == 1:
         raise ValueError(f"block_topk: bad arguments (k={k}, shape {(rows, cols)})")
     if status != 0:

@@ -91,10 +91,12 @@ def _row_sums(
     step = chunks.chunk_rows(z.shape[1], z.device, passes.compiled)
     with targets.masked(z, shard):
         chunks.for_each_chunk(
-            n, step, z.device,
+            n,
+            step,
+            z.device,
             lambda rows: passes.forward(z, sums, row_max, target_z, rows, target_rank is None),
             threads=not passes.compiled,
-        )  # fmt: skip
+        )
     # The target's e, from the owning rank (the pass above left it out of every sum).
     owned = shard.rows
     sums[_TARGET_EXP, owned] = torch.exp(target_logit[owned] - row_max[owned])
@@ -169,14 +171,26 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
         # The logits themselves are saved (a private contiguous copy only if they were strided);
         # the backward writes the gradient into them when that is allowed.
         ctx.save_for_backward(
-            z if private else logits, row_max, tau.to(z.dtype), shard.rows, shard.cols,
-            rows_out.head_scale, rows_out.tail_scale, rows_out.target_grad,
-        )  # fmt: skip
+            z if private else logits,
+            row_max,
+            tau.to(z.dtype),
+            shard.rows,
+            shard.cols,
+            rows_out.head_scale,
+            rows_out.tail_scale,
+            rows_out.target_grad,
+        )
         ctx.overwrite = private or (inplace and z.dtype == torch.float32)
         ctx.kernel = kernel
         ctx.input_shape = logits.shape
-        outputs = (rows_out.loss, rows_out.nll, rows_out.entropy, rows_out.topk_mass,
-                   rows_out.target_prob, sums[_RANK].clone())  # fmt: skip
+        outputs = (
+            rows_out.loss,
+            rows_out.nll,
+            rows_out.entropy,
+            rows_out.topk_mass,
+            rows_out.target_prob,
+            sums[_RANK].clone(),
+        )
         outputs = tuple(t.reshape(target.shape) for t in outputs)
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
@@ -194,10 +208,12 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
         grad = z if ctx.overwrite else torch.empty_like(z)
         passes = row_kernels.ChunkPasses(z.shape[1], z.device, ctx.kernel)
         chunks.for_each_chunk(
-            z.shape[0], chunks.chunk_rows(z.shape[1], z.device, passes.compiled), z.device,
+            z.shape[0],
+            chunks.chunk_rows(z.shape[1], z.device, passes.compiled),
+            z.device,
             lambda rows: passes.backward(z, grad, row_max, tau_z, head_scale, tail_scale, rows),
             threads=not passes.compiled,
-        )  # fmt: skip
+        )
         grad[owned_rows, owned_cols] = (target_grad[owned_rows] * g[owned_rows]).to(grad.dtype)
         lap("backward")
         return grad.view(ctx.input_shape), None, None, None, None

@@ -197,8 +197,10 @@ def _wide_worker(rank: int, world: int) -> dict:
             )
             loss.sum().backward()
             out[name, inplace, kernel] = (
-                loss.detach(), z.grad, {k: v.clone() for k, v in stats.items()}
-            )  # fmt: skip
+                loss.detach(),
+                z.grad,
+                {k: v.clone() for k, v in stats.items()},
+            )
     return out
 
 

@@ -14,9 +14,22 @@ import pytest
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 LOSS_KEYS = {
-    "vocab", "tokens", "topk", "tp", "device", "dtype", "config", "inplace", "kernel", "shaped_ms",
-    "megatron_ce_ms", "time_ratio", "shaped_peak_bytes", "megatron_ce_peak_bytes", "memory_ratio",
-}  # fmt: skip
+    "vocab",
+    "tokens",
+    "topk",
+    "tp",
+    "device",
+    "dtype",
+    "config",
+    "inplace",
+    "kernel",
+    "shaped_ms",
+    "megatron_ce_ms",
+    "time_ratio",
+    "shaped_peak_bytes",
+    "megatron_ce_peak_bytes",
+    "memory_ratio",
+}
 TRAIN_KEYS = {"loss", "tokens_per_s", "tflops", "mfu", "step_time_s", "ratio_to_baseline"}
 
 
