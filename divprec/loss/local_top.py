@@ -12,12 +12,14 @@ in the same read; :meth:`LocalTopK.kth_largest` selects the k-th largest of the 
 :func:`select` picks the strategy for a call. Whether the C kernel builds is a fact about one
 rank (its compiler, its cache directory), so the ranks of the tensor-parallel group agree on it
 at the first call: one rank that cannot build it makes every rank use the torch ops ("auto"), or
-every rank raise ("compiled").
+every rank raise ("compiled"). Another strategy (a Triton kernel on CUDA, say) is one more
+subclass and one more case in :func:`select`; the loss itself does not change.
 """
 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -37,22 +39,22 @@ class LocalTop:
     target_rank: torch.Tensor | None  # [n] #{z > target's logit} (float), or None: not counted
 
 
-class LocalTopK:
+class LocalTopK(ABC):
     """Step 1 over the rows of a shard; subclasses give :meth:`rows` and :meth:`kth_largest`."""
 
     name = ""
     counts_target_rank = False  # rows() counts #{z > target's logit} in its read
 
+    @abstractmethod
     def rows(
         self, z: torch.Tensor, k: int, target_logit: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """For a chunk z [c, v]: row max [c], the k largest [c, k], ties [c], and the target's
         rank [c] where the strategy counts it and target_logit [c] is given, else None."""
-        raise NotImplementedError
 
+    @abstractmethod
     def kth_largest(self, values: torch.Tensor, k: int) -> torch.Tensor:
         """The k-th largest of each row of values [r, m] (fp32, m >= k): [r]."""
-        raise NotImplementedError
 
     def run(self, z: torch.Tensor, k: int, target_logit: torch.Tensor | None = None) -> LocalTop:
         """:meth:`rows` over z [n, v] in chunks of rows, in threads on CPU.

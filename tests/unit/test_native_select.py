@@ -112,7 +112,7 @@ def test_the_kernel_is_built_once_into_the_cache(unbuilt, monkeypatch):
     assert commands and not any("-shared" in c for c in commands)  # only the version query
 
 
-def test_without_a_compiler_auto_warns_once_and_compiled_fails(unbuilt, monkeypatch, caplog):
+def test_a_failing_compiler_auto_warns_once_and_compiled_raises(unbuilt, monkeypatch, caplog):
     # A compiler that fails for real: the build runs it and gets a non-zero exit.
     failing = unbuilt / "failing-cc"
     failing.write_text("#!/bin/sh\necho 'failing-cc: error: cannot compile' >&2\nexit 1\n")
