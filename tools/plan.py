@@ -19,8 +19,7 @@ import warnings
 
 from divprec.config.compose import compose_config
 from divprec.config.memory import memory_plan, training_layout
-from divprec.config.validate import validate, validate_loss
-from divprec.data.dataset import expected_vocab_size
+from divprec.config.validate import validate
 from divprec.model.memory_plan import GIB
 
 EXIT_DOES_NOT_FIT = 1
@@ -49,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpus < 1 or args.nodes < 1:
             raise ValueError(f"--gpus {args.gpus} and --nodes {args.nodes} must both be >= 1")
         cfg = compose_config(args.overrides)
-        validate(cfg, world)
-        validate_loss(cfg, expected_vocab_size(cfg.data))
+        validate(cfg, world)  # the data files, the tokenizer and the loss against it included
     except ValueError as err:
         print(f"plan: error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

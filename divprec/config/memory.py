@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from divprec.config.schema import PretrainConfig
-from divprec.data.dataset import expected_vocab_size
+from divprec.data.checks import load_tokenizer
 from divprec.model.memory_plan import MemoryPlan, TrainingLayout, plan_memory
 from divprec.parallel.config import DEFAULT_REDUCE_BUCKET
 
@@ -18,7 +18,7 @@ def training_layout(
     """
     train, par = cfg.train, cfg.parallel
     data = par.data_parallel(world_size)
-    vocab = tokenizer_vocab if tokenizer_vocab is not None else expected_vocab_size(cfg.data)
+    vocab = tokenizer_vocab if tokenizer_vocab is not None else _tokenizer_vocab(cfg)
     precision = train.precision if train.precision != "auto" else ("bf16" if on_gpu else "fp32")
     return TrainingLayout(
         tensor=par.tensor,
@@ -35,6 +35,13 @@ def training_layout(
         on_gpu=on_gpu,
         reduce_bucket_elements=DEFAULT_REDUCE_BUCKET,  # the plan caps it at a rank's parameters
     )
+
+
+def _tokenizer_vocab(cfg: PretrainConfig) -> int:
+    # The default corpus trains its tokenizer at exactly data.default_vocab_size.
+    if cfg.data.blend is None:
+        return int(cfg.data.default_vocab_size)
+    return load_tokenizer(cfg.data).vocab_size
 
 
 def memory_plan(

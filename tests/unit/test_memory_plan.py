@@ -38,7 +38,8 @@ def saved_activation_bytes(overrides: tuple[str, ...], dtype: torch.dtype) -> in
     from divprec.model.shaped_gpt import ShapedGPTModel
     from divprec.parallel.distributed import single_process_world
 
-    cfg = compose_config(list(overrides)).model
+    composed = compose_config(list(overrides))
+    cfg = composed.model
     b, s = TOKENS
     with single_process_world(seed=1):
         model = build_model(
@@ -52,7 +53,7 @@ def saved_activation_bytes(overrides: tuple[str, ...], dtype: torch.dtype) -> in
             seed=1,
             pre_process=True,
             post_process=True,
-            model_class=ShapedGPTModel,
+            model_class=functools.partial(ShapedGPTModel, loss_config=composed.loss),
         )
         model.train()
         generator = torch.Generator().manual_seed(0)
