@@ -114,3 +114,4 @@ def test_stopped_worker_fails_the_job_within_the_collective_timeout(tmp_path):
     assert "Timed out" in out or "timed out" in out, out[-4000:]
     assert any(op in out for op in ("recv", "send", "allreduce", "all_reduce", "barrier")), out
     assert elapsed < timeout_s + 90, elapsed
+    print(f"stopped rank to failed job: {elapsed:.1f} s")
