@@ -26,12 +26,20 @@ logger = logging.getLogger(__name__)
 
 LATEST = "latest"
 METADATA = "divprec.json"
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer.model"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
+_STEP_OR_TEMP_DIR = re.compile(r"^step_\d{7}(\.tmp)?$")
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def is_step_dir_name(name: str) -> bool:
+    """Whether ``name`` is a step directory's name, complete or being written (``.tmp``)."""
+    return _STEP_OR_TEMP_DIR.match(name) is not None
 
 
 def temp_dir(root: Path, step: int) -> Path:
