@@ -118,16 +118,7 @@ def import_hf(hf_dir: Path, out: Path, tokenizer: Path | None = None) -> dict[st
 
 
 def _write_checkpoint(cfg, hf_tensors: dict, hf_dir: Path, out: Path, tokenizer: Path) -> dict:
-    """Build the model at tensor = pipeline = 1 from the HF tensors and save it with a fresh
-    optimizer state into ``out`` (written under a temporary name, renamed into place)."""
-    import torch
-    from megatron.core import dist_checkpointing
-    from omegaconf import OmegaConf
-
-    from divprec.checkpoint.sharded_state import (
-        model_sharded_state_dict,
-        optimizer_sharded_state_dict,
-    )
+    """Build the model at tensor = pipeline = 1 from the HF tensors and save it as ``out``."""
     from divprec.interop.full_model import build_full_model, is_extra_state
     from divprec.interop.hf_mapping import from_hf_tensors
     from divprec.parallel.distributed import single_process_world
@@ -135,46 +126,18 @@ def _write_checkpoint(cfg, hf_tensors: dict, hf_dir: Path, out: Path, tokenizer:
     rows = cfg.model.padded_vocab_size(cfg.model.vocab_size, 1)
     dtype = hf_tensors["model.embed_tokens.weight"].dtype
     tensors = from_hf_tensors(hf_tensors, cfg.model, rows)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        with single_process_world(cfg.train.seed):
-            model = build_full_model(cfg, vocab_size=rows, params_dtype=dtype)
-            extra = {k: v for k, v in model.state_dict().items() if is_extra_state(k)}
-            try:
-                model.load_state_dict({**tensors, **extra}, strict=True)
-            except RuntimeError as err:  # a shape or a name the config does not describe
-                raise ImportUnusable(
-                    f"{hf_dir}: the weights do not fit its {HF_CONFIG} "
-                    f"({str(err).splitlines()[-1].strip()})"
-                ) from err
-            model_sd = model_sharded_state_dict(model)
-            # A fresh optimizer: master weights = the weights in fp32, Adam moments zero.
-            optimizer_sd = optimizer_sharded_state_dict(model, model_sd, gather=False)
-            params = dict(model.named_parameters())
-            for state, by_name in optimizer_sd.items():
-                for name, sharded in by_name.items():
-                    fresh = params[name].detach().float() if state == "fp32_param" else 0.0
-                    sharded.data.copy_(torch.as_tensor(fresh).expand_as(sharded.data))
-            dist_checkpointing.save({"model": model_sd, "optimizer": optimizer_sd}, str(tmp))
-            parameters = sum(p.numel() for p in model.parameters())
-        (tmp / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        shutil.copyfile(tokenizer, tmp / TOKENIZER)
-        metadata = {
-            "step": 0,
-            "consumed_samples": 0,
-            "layout": {},  # no rank's RNG state is saved: no run restores one
-            "world_size": 1,
-            "files": [CONFIG, TOKENIZER],
-            "imported_from": str(hf_dir),
-            "format_version": FORMAT_VERSION,
-        }
-        write_atomic(tmp / METADATA, json.dumps(metadata, indent=1))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with single_process_world(cfg.train.seed):
+        model = build_full_model(cfg, vocab_size=rows, params_dtype=dtype)
+        extra = {k: v for k, v in model.state_dict().items() if is_extra_state(k)}
+        try:
+            model.load_state_dict({**tensors, **extra}, strict=True)
+        except RuntimeError as err:  # a shape or a name the config does not describe
+            raise ImportUnusable(
+                f"{hf_dir}: the weights do not fit its {HF_CONFIG} "
+                f"({str(err).splitlines()[-1].strip()})"
+            ) from err
+        save_fresh_checkpoint(cfg, model, out, tokenizer, imported_from=str(hf_dir))
+        parameters = sum(p.numel() for p in model.parameters())
     return {
         "checkpoint": str(out),
         "source": str(hf_dir),
@@ -184,4 +147,54 @@ def _write_checkpoint(cfg, hf_tensors: dict, hf_dir: Path, out: Path, tokenizer:
     }
 
 
-__all__ = ["ImportUnusable", "NotExpressible", "import_hf", "pretrain_overrides", "read_hf_tensors"]
+def save_fresh_checkpoint(cfg, model, out: Path, tokenizer: Path, imported_from: str) -> None:
+    """Save ``model`` (the whole model of ``cfg``, in a world of one) as the step-0 checkpoint
+    ``out`` with a fresh optimizer state: fp32 master weights = the weights, Adam moments zero.
+    Written under a temporary name and renamed into place."""
+    import torch
+    from megatron.core import dist_checkpointing
+    from omegaconf import OmegaConf
+
+    from divprec.checkpoint.sharded_state import (
+        model_sharded_state_dict,
+        optimizer_sharded_state_dict,
+    )
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        model_sd = model_sharded_state_dict(model)
+        optimizer_sd = optimizer_sharded_state_dict(model, model_sd, gather=False)
+        params = dict(model.named_parameters())
+        for state, by_name in optimizer_sd.items():
+            for name, sharded in by_name.items():
+                fresh = params[name].detach().float() if state == "fp32_param" else 0.0
+                sharded.data.copy_(torch.as_tensor(fresh).expand_as(sharded.data))
+        dist_checkpointing.save({"model": model_sd, "optimizer": optimizer_sd}, str(tmp))
+        (tmp / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        shutil.copyfile(tokenizer, tmp / TOKENIZER)
+        metadata = {
+            "step": 0,
+            "consumed_samples": 0,
+            "layout": {},  # no rank's RNG state is saved: no run restores one
+            "world_size": 1,
+            "files": [CONFIG, TOKENIZER],
+            "imported_from": imported_from,
+            "format_version": FORMAT_VERSION,
+        }
+        write_atomic(tmp / METADATA, json.dumps(metadata, indent=1))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+__all__ = [
+    "ImportUnusable",
+    "NotExpressible",
+    "import_hf",
+    "pretrain_overrides",
+    "read_hf_tensors",
+    "save_fresh_checkpoint",
+]
