@@ -90,13 +90,15 @@ def export_hf(
     from divprec.data.tokenizer import Tokenizer
     from divprec.interop.full_model import read_full_model
     from divprec.interop.hf_mapping import check_expressible, hf_config, to_hf_tensors
-    from divprec.interop.hf_tokenizer import special_tokens, write_hf_tokenizer
+    from divprec.interop.hf_tokenizer import check_convertible, write_hf_tokenizer
 
     cfg = load_run_config(step_dir)
     check_expressible(cfg.model)  # before the weights are read
     tokenizer_file = step_dir / TOKENIZER
-    vocab = Tokenizer.from_file(tokenizer_file).vocab_size
-    special_tokens(tokenizer_file)
+    check_convertible(tokenizer_file)
+    # The model's vocabulary: the tokenizer's, or model.vocab_size when set (an import keeps the
+    # HF model's); the rows beyond it only pad for tensor parallelism.
+    vocab = cfg.model.vocab_size or Tokenizer.from_file(tokenizer_file).vocab_size
     torch_dtype = getattr(torch, DTYPES[dtype])
     full = read_full_model(step_dir, torch_dtype)
     tensors = to_hf_tensors(full.tensors, cfg.model, vocab)

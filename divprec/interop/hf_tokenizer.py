@@ -42,6 +42,7 @@ def _model_proto(model_file: Path):
 
 
 def _check_convertible(proto, model_file: Path) -> None:
+    """Raise :class:`NotExpressible` for a SentencePiece model this conversion is not exact for."""
     trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
     problems = {
         "model_type is not bpe": trainer.model_type != _BPE,
@@ -57,6 +58,12 @@ def _check_convertible(proto, model_file: Path) -> None:
             f"tokenizer {model_file}: {found[0]}; only tokenizers trained by divprec "
             "(tools/train_tokenizer.py) are converted"
         )
+
+
+def check_convertible(model_file: Path) -> None:
+    """Raise :class:`NotExpressible` unless ``model_file`` is a model divprec trains (BPE, byte
+    fallback, identity normalisation, no dummy prefix)."""
+    _check_convertible(_model_proto(model_file), model_file)
 
 
 def special_tokens(model_file: Path) -> dict[str, tuple[str, int]]:
