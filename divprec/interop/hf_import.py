@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def import_hf(hf_dir: Path, out: Path, tokenizer: Path | None = None) -> dict[st
             f"{tokenizer} is missing: pass --tokenizer <SentencePiece .model> (divprec's data "
             "pipeline tokenises with SentencePiece)"
         )
-    model = _model_config(hf, name=f"hf_{hf_dir.name}")
+    model = _model_config(hf, name="hf_" + re.sub(r"[^A-Za-z0-9_]", "_", hf_dir.name))
 
     from divprec.config.compose import compose_config
     from divprec.data.tokenizer import Tokenizer
