@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         if err.name not in ("tokenizers", "transformers"):
             raise
         print(
-            f"{p.prog}: error: {err.name} is not installed: pip install 'divprec[hf]'", file=sys.stderr
+            f"{p.prog}: error: {err.name} is not installed: pip install 'divprec[hf]'",
+            file=sys.stderr,
         )
         return EXIT_UNUSABLE
     return 0
