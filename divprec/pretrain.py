@@ -20,11 +20,11 @@ from omegaconf import DictConfig
 
 from divprec.config.compose import CONF_DIR
 from divprec.config.schema import register_schema, to_typed
-from divprec.config.validate import validate, validate_loss
-from divprec.data.dataset import expected_vocab_size
+from divprec.config.validate import validate
 from divprec.parallel.distributed import launcher_world_size
 
 EXIT_CONFIG_ERROR = 2
+EXIT_STORAGE_ERROR = 74  # EX_IOERR
 
 # megatron-core announces its fallbacks when Transformer Engine or Apex are absent (always on CPU);
 # the layer specs divprec builds already choose the local implementations.
@@ -44,16 +44,24 @@ def main(dict_cfg: DictConfig) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
     try:
         cfg = to_typed(dict_cfg)
-        validate(cfg, launcher_world_size())
-        validate_loss(cfg, expected_vocab_size(cfg.data))
+        validate(cfg, launcher_world_size())  # the data files and the tokenizer included
     except ValueError as err:
         _fail(str(err))
     logging.getLogger().setLevel(logging.INFO)
     # megatron-core logs its dataset index bookkeeping at INFO; divprec reports what matters.
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    from divprec.checkpoint.checkpointer import CheckpointSaveError
+    from divprec.train.guards import Diverged
     from divprec.train.trainer import pretrain
 
-    pretrain(cfg)
+    try:
+        pretrain(cfg)
+    except Diverged as err:
+        print(err, file=sys.stderr, flush=True)
+        raise
+    except CheckpointSaveError as err:  # a full disk or failing storage: one line, not a trace
+        print(f"divprec: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_STORAGE_ERROR)
 
 
 def _cuda_available() -> bool:

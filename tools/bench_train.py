@@ -217,7 +217,7 @@ def main(argv=None) -> int:
             "loss_overrides",
             "rounds",
             "override",
-        )  # fmt: skip
+        )
     }
     settings["tokens_per_step"] = tokens_per_step
     settings["seconds"] = time.perf_counter() - t0

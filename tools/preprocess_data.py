@@ -4,7 +4,8 @@
         --output-prefix data/corpus --workers 8
 
 Writes <output-prefix>.bin and <output-prefix>.idx; each document is followed by the
-end-of-document token. Use the prefix in data.blend.
+end-of-document token. <output-prefix>.meta.json records the tokenizer (file hash, vocabulary)
+and the largest token id, which training checks at start-up. Use the prefix in data.blend.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{p.prog}: error: {e}", file=sys.stderr)
         return 1
     print(
-        f"wrote {args.output_prefix}.{{bin,idx}}: {stats.num_documents} documents, "
+        f"wrote {args.output_prefix}.{{bin,idx,meta.json}}: {stats.num_documents} documents, "
         f"{stats.num_tokens} tokens in {stats.seconds:.1f}s"
     )
     return 0

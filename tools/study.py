@@ -38,8 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true", help="a few minutes; numbers mean nothing")
     mode.add_argument("--full", action="store_true", help="the documented study (default)")
     p.add_argument("--report-dir", default=None, help="default: runs/study-<quick|full>")
-    p.add_argument("--settings", type=_settings, default=SETTINGS,
-                   help=f"comma-separated subset of {','.join(SETTINGS)} (default: all)")  # fmt: skip
+    p.add_argument(
+        "--settings",
+        type=_settings,
+        default=SETTINGS,
+        help=f"comma-separated subset of {','.join(SETTINGS)} (default: all)",
+    )
     p.add_argument("--seed", type=int, default=1234, help="model init, data order and sampling")
     p.add_argument("--no-rl", action="store_true", help="skip the RL probe")
     p.add_argument("--threads", type=int, default=None, help="torch threads of eval / RL")
@@ -47,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     make = quick_config if args.quick else full_config
-    cfg = make(settings=args.settings, seed=args.seed, run_rl=not args.no_rl,
-               torch_threads=args.threads)  # fmt: skip
+    cfg = make(
+        settings=args.settings, seed=args.seed, run_rl=not args.no_rl, torch_threads=args.threads
+    )
     report_dir = args.report_dir or f"runs/study-{cfg.name}"
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -57,9 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study: error: {err}", file=sys.stderr)
         return 1
     claims = {k: v.get("holds") for k, v in report["claims"].items() if "holds" in v}
-    print(json.dumps({"report": f"{report_dir}/report.json", "plots": report["plots"],
-                      "total_seconds": round(report["timings"]["total_seconds"], 1),
-                      "claims": claims}, indent=1))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "report": f"{report_dir}/report.json",
+                "plots": report["plots"],
+                "total_seconds": round(report["timings"]["total_seconds"], 1),
+                "claims": claims,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -8,9 +8,12 @@ all ranks in the same order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +23,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from divprec.checkpoint.layout import (
+    LATEST,
     apply_retention,
     check_complete,
     commit,
     read_metadata,
+    resolve_latest,
+    step_dir_name,
     temp_dir,
 )
 from divprec.checkpoint.sharded_state import (
@@ -72,6 +78,28 @@ def _rng_file(rank: int) -> str:
     return f"rng/rank_{rank:05d}.pt"
 
 
+def refuse_non_finite(model: torch.nn.Module, engine, step: int) -> None:
+    """Raise CheckpointError on every rank when any rank's weights or optimizer state hold a NaN
+    or inf. Collective: one all-reduce MAX [1] over the world."""
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is None:
+        for state in engine.optimizer.optimizer.state.values():  # AdamW over ZeRO's partitions
+            if any(torch.is_tensor(v) and not torch.isfinite(v).all() for v in state.values()):
+                bad = "the optimizer state (Adam moments)"
+                break
+    for partition in getattr(engine.optimizer, "single_partition_of_fp32_groups", []):
+        if bad is None and not torch.isfinite(partition).all():
+            bad = "the fp32 master weights"
+    flag = torch.tensor([0.0 if bad is None else 1.0], device=next(model.parameters()).device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        where = f"{bad} on rank {dist.get_rank()}" if bad else "another rank's state"
+        raise CheckpointError(
+            f"refusing to save step {step}: {where} is not finite; the last complete checkpoint "
+            "is kept"
+        )
+
+
 def save_checkpoint(
     root: Path,
     progress: Progress,
@@ -93,23 +121,24 @@ def save_checkpoint(
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     tmp = temp_dir(root, progress.step)
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save of this step
-        tmp.mkdir(parents=True)
-    dist.barrier()
+    final = root / step_dir_name(progress.step)
+    with _phase(tmp, "create the directory"):
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save of this step
+            tmp.mkdir(parents=True)
     model_sd = model_sharded_state_dict(model)
     optimizer_sd = optimizer_sharded_state_dict(model, model_sd, gather=True)
-    request = dist_checkpointing.save(
-        {"model": model_sd, "optimizer": optimizer_sd},
-        str(tmp),
-        async_sharded_save=async_queue is not None,
-    )
-    if rank == 0:  # after megatron-core's save (planning), which wants an empty directory
-        (tmp / "rng").mkdir()
-    dist.barrier()
-    torch.save(_rng_state(), tmp / _rng_file(rank))
-    final = root / f"step_{progress.step:07d}"
+    with _phase(tmp, "write the model and optimizer shards"):
+        request = dist_checkpointing.save(
+            {"model": model_sd, "optimizer": optimizer_sd},
+            str(tmp),
+            async_sharded_save=async_queue is not None,
+        )
+        if rank == 0:  # after megatron-core's save (planning), which wants an empty directory
+            (tmp / "rng").mkdir()
+    with _phase(tmp, "write the RNG states"):
+        torch.save(_rng_state(), tmp / _rng_file(rank))
     metadata = {
         "step": progress.step,
         "consumed_samples": progress.consumed_samples,
@@ -127,15 +156,70 @@ def save_checkpoint(
                 logger.info("checkpoint retention removed %s", removed)
 
     if async_queue is None:
-        dist.barrier()
-        finish()
-        dist.barrier()
+        with _phase(tmp, "commit"):
+            finish()
     else:
         # Runs on every rank after all ranks' writers are done and megatron-core's own metadata
         # is written (its finalize function comes first).
         request.add_finalize_fn(finish)
         async_queue.schedule_async_request(request)
     return final
+
+
+class CheckpointSaveError(CheckpointError):
+    """A save failed on some rank (a full disk, failing storage). The partial directory is
+    removed and ``latest`` still names the previous complete checkpoint."""
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The OSError behind ``err`` (megatron-core wraps its writers' errors), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _phase(tmp: Path, what: str) -> Iterator[None]:
+    """Run one phase of a save on every rank, then agree on whether it failed anywhere.
+
+    A failure on any rank raises :class:`CheckpointSaveError` on every rank, after rank 0 removed
+    the partial directory; it never reaches the commit, so ``latest`` is unchanged.
+    Collective: one all-reduce MAX [2] (doubles as the phase's barrier).
+    """
+    failure: BaseException | None = None
+    try:
+        yield
+    except Exception as err:  # an OSError, or megatron-core's wrapping of one
+        failure = err
+    os_error = _os_error(failure)
+    code = os_error.errno if os_error is not None and os_error.errno else 0
+    rank = dist.get_rank()
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    )
+    flags = torch.tensor([rank + 1 if failure else 0, code], dtype=torch.int64, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    failed_rank, errno_code = int(flags[0]) - 1, int(flags[1])
+    if failed_rank < 0:
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    latest = resolve_latest(tmp.parent)
+    cause = (
+        f"[Errno {errno_code}] {os.strerror(errno_code)}"
+        if errno_code
+        else f"see rank {failed_rank}'s log"
+    )
+    if failure is not None:
+        cause = f"{cause} ({os_error or failure})".replace("\n", " ")
+    raise CheckpointSaveError(
+        f"saving checkpoint {tmp} failed on rank {failed_rank} ({what}): {cause}; the partial "
+        f"directory was removed and {LATEST} still names {latest.name if latest else 'nothing'}"
+    ) from failure
 
 
 def _check_shapes(path: Path, model_sd: dict) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from divprec.checkpoint.layout import LATEST, check_complete
 
 
 @dataclass
@@ -23,3 +26,17 @@ class CheckpointConfig:
     async_save: bool = False
     resume: str = "auto"  # "auto" | "never"
     load: str | None = None
+
+
+def validate_checkpoint_load(load: str | None) -> None:
+    """Raise ValueError (one line) unless ``load`` is None or a complete checkpoint directory."""
+    if load is None:
+        return
+    path = Path(load).expanduser()
+    status = check_complete(path)
+    if status.complete:
+        return
+    fix = "point it at a complete step_* directory"
+    if (path / LATEST).is_file():  # the checkpoints folder itself rather than one of its steps
+        fix = f"point it at {path / (path / LATEST).read_text().strip()} (named by {LATEST})"
+    raise ValueError(f"checkpoint.load={load}: not a checkpoint ({status.reason}); {fix}")

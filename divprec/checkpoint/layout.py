@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 
 LATEST = "latest"
 METADATA = "divprec.json"
-CONFIG = "config.yaml"
-TOKENIZER = "tokenizer.model"
+CONFIG_FILE = "config.yaml"  # the resolved config, in the run directory and in each checkpoint
+TOKENIZER_FILE = "tokenizer.model"  # the sentencepiece model the run trained with
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 _STEP_OR_TEMP_DIR = re.compile(r"^step_\d{7}(\.tmp)?$")

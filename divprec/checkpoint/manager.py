@@ -7,7 +7,12 @@ from pathlib import Path
 
 import torch
 
-from divprec.checkpoint.checkpointer import Progress, load_checkpoint, save_checkpoint
+from divprec.checkpoint.checkpointer import (
+    Progress,
+    load_checkpoint,
+    refuse_non_finite,
+    save_checkpoint,
+)
 from divprec.checkpoint.config import CheckpointConfig
 from divprec.checkpoint.layout import resolve_latest
 
@@ -27,7 +32,7 @@ class CheckpointManager:
         self.cfg = cfg
         self.root = Path(cfg.dir or Path(run_dir) / "checkpoints").expanduser().resolve()
         self.model, self.engine, self.layout, self.extra_files = model, engine, layout, extra_files
-        self.last_saved_step: int | None = None
+        self.last_saved: tuple[int, Path] | None = None  # (step, path) saved or resumed from
         self._async_queue = None
         if cfg.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -46,12 +51,21 @@ class CheckpointManager:
             return None
         logger.info("resuming from checkpoint %s", path)
         progress = load_checkpoint(path, self.model, self.engine, self.layout)
-        self.last_saved_step = progress.step
+        self.last_saved = (progress.step, path)
         return progress
 
     def save(self, progress: Progress, wait: bool = True) -> Path:
-        """Save; ``wait=False`` with ``checkpoint.async_save`` lets the writing overlap training."""
+        """Save; ``wait=False`` with ``checkpoint.async_save`` lets the writing overlap training.
+
+        A step already saved (or resumed from) is not written again: its path is returned.
+        Refuses (CheckpointError) weights or optimizer state that are not finite.
+        """
+        if self.last_saved is not None and self.last_saved[0] == progress.step:
+            if wait:
+                self.finalize(blocking=True)
+            return self.last_saved[1]
         self.finalize(blocking=True)  # one save in flight at a time
+        refuse_non_finite(self.model, self.engine, progress.step)
         background = self._async_queue is not None and not wait
         path = save_checkpoint(
             self.root,
@@ -62,7 +76,7 @@ class CheckpointManager:
             self.cfg.keep_last,
             async_queue=self._async_queue if background else None,
         )
-        self.last_saved_step = progress.step
+        self.last_saved = (progress.step, path)
         logger.info("%s checkpoint %s", "writing" if background else "saved", path)
         return path
 
@@ -72,10 +86,8 @@ class CheckpointManager:
         self.finalize(blocking=False)
         last = progress.step == total_steps
         due = self.cfg.interval > 0 and progress.step % self.cfg.interval == 0
-        if (due or last) and self.last_saved_step != progress.step:
+        if due or last:
             self.save(progress, wait=last)
-        elif last:
-            self.finalize(blocking=True)
 
     def finalize(self, blocking: bool) -> None:
         """Commit background saves that finished (all of them when ``blocking``).

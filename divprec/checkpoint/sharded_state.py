@@ -25,7 +25,9 @@ def model_sharded_state_dict(model: torch.nn.Module) -> dict:
     return model.sharded_state_dict(prefix=f"{MODEL_PREFIX}.")
 
 
-def _sharded_params(model_sd: dict, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter, ShardedTensor | ShardedTensorFactory]]:  # fmt: skip
+def _sharded_params(
+    model_sd: dict, model: torch.nn.Module
+) -> Iterator[tuple[str, torch.nn.Parameter, ShardedTensor | ShardedTensorFactory]]:
     """(name, parameter, its sharded tensor) for every trainable parameter."""
     by_data = {
         id(sh.data): sh

@@ -9,7 +9,9 @@ from hydra import compose, initialize_config_dir
 
 from divprec.config.schema import PretrainConfig, register_schema, to_typed
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# divprec/conf is the top-level conf/ (a symlink in the checkout, copied files in a wheel), so the
+# presets are found in a checkout, an editable install and an installed wheel alike.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def compose_config(overrides: Sequence[str] = ()) -> PretrainConfig:

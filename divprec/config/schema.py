@@ -16,8 +16,8 @@ from divprec.data.config import DataConfig
 from divprec.loss.config import ShapedLossConfig
 from divprec.metrics.config import LoggingConfig
 from divprec.model.config import ModelConfig
-from divprec.parallel.config import ParallelConfig
-from divprec.train.config import OptimConfig, TrainConfig
+from divprec.parallel.config import OptimConfig, ParallelConfig
+from divprec.train.config import TrainConfig
 
 SCHEMA_NAME = "pretrain_schema"
 

@@ -5,13 +5,18 @@ Each check raises :class:`ConfigError` with one line that names the key and says
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
+import signal
 
 import torch
 
+from divprec.checkpoint.config import validate_checkpoint_load
 from divprec.config.schema import PretrainConfig
+from divprec.data.checks import check_data
 from divprec.data.config import validate_data_config
 from divprec.metrics.config import validate_logging_config
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -65,6 +70,17 @@ def validate_model(cfg: PretrainConfig) -> None:
         _require(
             m.moe_router_score_function in ("sigmoid", "softmax"),
             f"model.moe_router_score_function={m.moe_router_score_function!r}: use sigmoid or softmax",
+        )
+        _require(
+            not m.moe_router_expert_bias or m.moe_router_score_function == "sigmoid",
+            "model.moe_router_expert_bias=true needs model.moe_router_score_function=sigmoid: "
+            "set it, or model.moe_router_expert_bias=false",
+        )
+        # megatron-core's MoE layer refuses tensor parallelism without sequence parallelism.
+        _require(
+            p.tensor == 1 or p.sequence_parallel,
+            f"model.num_experts={m.num_experts} (MoE) with parallel.tensor={p.tensor} needs "
+            "parallel.sequence_parallel=true: set it, or parallel.tensor=1",
         )
 
 
@@ -141,12 +157,17 @@ def validate_train(cfg: PretrainConfig, world_size: int) -> None:
         f"optim.decay_fraction={o.decay_fraction} must be in [0, 1] and not combined with "
         "optim.decay_steps: set one of them",
     )
-    scheduled = o.warmup_steps + (o.stable_steps or 0) + o.decay_length(t.steps)
-    _require(
-        scheduled <= t.steps,
-        f"optim.warmup_steps + optim.stable_steps + decay ({o.decay_length(t.steps)} steps) = "
-        f"{scheduled} exceeds train.steps={t.steps}: shorten the schedule or train longer",
-    )
+    configured, fitted = o.configured_phases(t.steps), o.phases(t.steps)
+    if fitted != configured:
+        logger.warning(
+            "optim: warmup %d + stable %d + decay %d = %d steps exceed train.steps=%d; the "
+            "schedule is shrunk to warmup %d + stable %d + decay %d (set optim.warmup_steps and "
+            "optim.decay_* to fit to silence this)",
+            *configured,
+            sum(configured),
+            t.steps,
+            *fitted,
+        )
 
 
 def validate_loss(cfg: PretrainConfig, vocab_size: int) -> None:
@@ -171,14 +192,33 @@ def validate_checkpoint(cfg: PretrainConfig) -> None:
         c.keep_last is None or c.keep_last >= 1,
         f"checkpoint.keep_last must be >= 1 or null (keep all), got {c.keep_last}",
     )
+    validate_checkpoint_load(c.load)
+
+
+def validate_fault_handling(cfg: PretrainConfig) -> None:
+    t = cfg.train
     _require(
-        c.load is None or Path(c.load).is_dir(),
-        f"checkpoint.load={c.load}: no such checkpoint directory; point it at a step_* directory",
+        t.max_skipped_steps >= 1,
+        f"train.max_skipped_steps must be >= 1 (non-finite steps in a row before stopping), got "
+        f"{t.max_skipped_steps}",
+    )
+    catchable = set(signal.Signals.__members__) - {"SIGKILL", "SIGSTOP"}
+    _require(
+        "SIG" + t.preemption_signal.upper().removeprefix("SIG") in catchable,
+        f"train.preemption_signal={t.preemption_signal!r} is not a signal that can be caught: use "
+        "USR1 (the default), USR2 or another name SLURM's --signal accepts",
+    )
+    _require(
+        cfg.parallel.timeout_minutes > 0,
+        f"parallel.timeout_minutes must be > 0, got {cfg.parallel.timeout_minutes}",
     )
 
 
 def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None) -> None:
-    """All checks that need no process group. ``vocab_size``: the tokenizer's, when known."""
+    """All checks that need no process group, the data files and the tokenizer included.
+
+    ``vocab_size``: the tokenizer's, to check the loss against (None: read from the data config).
+    """
     _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
     p = cfg.parallel
     _require(p.tensor >= 1, f"parallel.tensor must be >= 1, got {p.tensor}")
@@ -188,13 +228,14 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     validate_model(cfg)
     validate_parallel(cfg, world_size)
     validate_train(cfg, world_size)
-    validate_checkpoint(cfg)
+    validate_fault_handling(cfg)
     try:
+        validate_checkpoint(cfg)
         validate_data_config(cfg.data)
         validate_logging_config(cfg.logging)
+        data_vocab_size = check_data(cfg.data, cfg.train.seq_length)
     except ConfigError:
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if vocab_size is not None:
-        validate_loss(cfg, vocab_size)
+    validate_loss(cfg, data_vocab_size if vocab_size is None else vocab_size)

@@ -12,7 +12,6 @@ Read batches with ``build_batch_iterator`` (see divprec.data.batches for the ord
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from divprec.data.batches import build_batch_iterator
+from divprec.data.checks import check_data
 from divprec.data.config import (
     DataConfig,
     parse_blend,
@@ -29,7 +29,7 @@ from divprec.data.config import (
     validate_data_config,
 )
 from divprec.data.default_corpus import ensure_default_corpus
-from divprec.data.megatron_helpers import ensure_megatron_helpers
+from divprec.data.megatron_helpers import require_megatron_helpers
 from divprec.data.tokenizer import Tokenizer
 from divprec.parallel.distributed import single_process_world
 
@@ -67,10 +67,9 @@ class _MegatronTokenizerInfo:
         self.eod = tokenizer.eod_id
         self.pad = tokenizer.pad_id
         self.vocab_size = tokenizer.vocab_size
-        digest = hashlib.sha256(tokenizer.model_path.read_bytes()).hexdigest()
         self.unique_identifiers = {
             "class": "SentencePieceTokenizer",
-            "model_sha256": digest,
+            "model_sha256": tokenizer.model_sha256(),
             "vocab_size": self.vocab_size,
         }
 
@@ -123,8 +122,10 @@ def build_gpt_datasets(
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     data = resolve_data(cfg, show_progress=show_progress)
+    # Bad files or an empty split fail here in one line, not as a megatron traceback or hang.
+    check_data(cfg, sequence_length)
     tokenizer = Tokenizer.from_file(data.tokenizer_model)
-    ensure_megatron_helpers()
+    require_megatron_helpers()
     weights = data.weights
     if len(data.prefixes) == 1:
         weights = None  # a lone dataset needs no blending, whatever its weight
@@ -162,14 +163,3 @@ def build_gpt_datasets(
             "give the train split more weight or use more data"
         )
     return GPTDatasets(train, valid, test, tokenizer, data)
-
-
-def expected_vocab_size(cfg: DataConfig | Any) -> int:
-    """The tokenizer's vocabulary, known before any data is built (for validating loss.topk).
-
-    The default corpus trains its tokenizer at exactly ``default_vocab_size``; otherwise the
-    tokenizer file says. Call after validate_data_config (the file must exist).
-    """
-    if cfg.blend is None:
-        return int(cfg.default_vocab_size)
-    return Tokenizer.from_file(cfg.tokenizer_model).vocab_size

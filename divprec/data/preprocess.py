@@ -2,7 +2,9 @@
 
 Every document becomes one sequence: its tokens followed by the end-of-document token. Output is
 byte-identical for any number of workers: documents are encoded in chunks by a process pool
-whose ``imap`` returns the chunks in input order.
+whose ``imap`` returns the chunks in input order. ``<prefix>.meta.json`` records the tokenizer
+and the largest token id (divprec.data.sidecar), so start-up can check them without reading the
+tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from divprec.data.documents import Document, TxtMode, iter_documents, total_input_bytes
+from divprec.data.sidecar import DatasetRecord, sidecar_path, write_record
 from divprec.data.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -88,7 +91,8 @@ def preprocess_files(
     """Tokenise ``input_files`` into ``<output_prefix>.bin`` and ``<output_prefix>.idx``.
 
     Empty documents are skipped. Both files appear atomically (written under temporary names,
-    then renamed), so a reader never sees a half-written dataset.
+    then renamed), so a reader never sees a half-written dataset; ``<prefix>.meta.json``
+    (the tokenizer's identity and the largest token id) follows them.
     """
     from tqdm import tqdm
 
@@ -107,7 +111,7 @@ def preprocess_files(
 
     start = time.perf_counter()
     chunks = _chunks(iter_documents(input_files, text_key=text_key, txt_mode=txt_mode), chunk_bytes)
-    num_docs = num_tokens = 0
+    num_docs = num_tokens = max_token_id = 0
     pool = None
     try:
         if workers == 1:
@@ -132,6 +136,7 @@ def preprocess_files(
                     # Shape: arr is [doc_len + 1] (tokens then eod): one sequence per document.
                     builder.add_document(arr, [arr.size])
                     num_tokens += arr.size
+                    max_token_id = max(max_token_id, int(arr.max()))
                 num_docs += len(docs)
                 bar.update(nbytes)
                 bar.set_postfix(docs=num_docs, tokens=num_tokens, refresh=False)
@@ -150,9 +155,21 @@ def preprocess_files(
         for p in (bin_tmp, idx_tmp):
             p.unlink(missing_ok=True)
         raise ValueError(f"no non-empty documents in {len(input_files)} input file(s)")
-    # .bin first: a present .idx then implies a complete .bin.
+    # An earlier record goes first, so it never describes the new files; .bin before .idx: a
+    # present .idx then implies a complete .bin; the new record last.
+    sidecar_path(prefix).unlink(missing_ok=True)
     os.replace(bin_tmp, f"{prefix}.bin")
     os.replace(idx_tmp, f"{prefix}.idx")
+    record = DatasetRecord(
+        tokenizer_file=tokenizer.model_path.name,
+        tokenizer_sha256=tokenizer.model_sha256(),
+        tokenizer_vocab_size=tokenizer.vocab_size,
+        max_token_id=max_token_id,
+        num_documents=num_docs,
+        num_tokens=num_tokens,
+        bin_bytes=Path(f"{prefix}.bin").stat().st_size,
+    )
+    write_record(prefix, record)
     stats = PreprocessStats(num_docs, num_tokens, total_bytes, time.perf_counter() - start)
     logger.info("wrote %s.{bin,idx}: %s", prefix, stats)
     return stats

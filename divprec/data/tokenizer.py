@@ -9,6 +9,7 @@ Special ids of trained models: pad=0, unk=1, bos=2, eos=3; eos is the end-of-doc
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import random
@@ -38,10 +39,21 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load a SentencePiece ``.model``; a file that is not one raises ValueError (one line)."""
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {path}")
-        return cls(spm.SentencePieceProcessor(model_file=str(path)), path.resolve())
+        try:
+            processor = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"{path}: not a readable SentencePiece model ({reason})") from None
+        return cls(processor, path.resolve())
+
+    def model_sha256(self) -> str:
+        """SHA-256 of the model file: the tokenizer's identity in caches and dataset records."""
+        assert self.model_path is not None, "a tokenizer built in memory has no file"
+        return hashlib.sha256(self.model_path.read_bytes()).hexdigest()
 
     @property
     def vocab_size(self) -> int:

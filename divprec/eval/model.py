@@ -18,7 +18,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from omegaconf import OmegaConf
 
-from divprec.checkpoint.layout import METADATA, check_complete, read_metadata, resolve_latest
+from divprec.checkpoint.layout import (
+    CONFIG_FILE,
+    METADATA,
+    TOKENIZER_FILE,
+    check_complete,
+    read_metadata,
+    resolve_latest,
+)
 from divprec.config.schema import PretrainConfig
 from divprec.data.tokenizer import Tokenizer
 from divprec.parallel.config import ParallelConfig
@@ -118,7 +125,7 @@ def build_eval_model(
 
 def _run_checkpoint_root(run_dir: Path) -> Path:
     """A run directory's checkpoint root: its config's checkpoint.dir, else <run>/checkpoints."""
-    config = run_dir / "config.yaml"
+    config = run_dir / CONFIG_FILE
     if config.is_file():
         custom = OmegaConf.select(OmegaConf.load(config), "checkpoint.dir")
         if custom:
@@ -149,7 +156,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_config(step_dir: Path) -> PretrainConfig:
     """The checkpoint's resolved config.yaml, typed (checked against the current schema)."""
     merged = OmegaConf.merge(
-        OmegaConf.structured(PretrainConfig), OmegaConf.load(step_dir / "config.yaml")
+        OmegaConf.structured(PretrainConfig), OmegaConf.load(step_dir / CONFIG_FILE)
     )
     return OmegaConf.to_object(merged)
 
@@ -193,7 +200,7 @@ def load_eval_model(
     """
     step_dir = resolve_checkpoint(checkpoint)
     config = load_config(step_dir)
-    tokenizer = Tokenizer.from_file(step_dir / "tokenizer.model")
+    tokenizer = Tokenizer.from_file(step_dir / TOKENIZER_FILE)
     ensure_model_parallel(config.train.seed)
     em = build_eval_model(
         config,

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from divprec.checkpoint.layout import TOKENIZER
+from divprec.checkpoint.layout import TOKENIZER_FILE
 from divprec.interop.locate import CheckpointUnusable, load_run_config, resolve_checkpoint
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -94,7 +94,7 @@ def export_hf(
 
     cfg = load_run_config(step_dir)
     check_expressible(cfg.model)  # before the weights are read
-    tokenizer_file = step_dir / TOKENIZER
+    tokenizer_file = step_dir / TOKENIZER_FILE
     check_convertible(tokenizer_file)
     # The model's vocabulary: the tokenizer's, or model.vocab_size when set (an import keeps the
     # HF model's); the rows beyond it only pad for tensor parallelism.
@@ -108,7 +108,7 @@ def export_hf(
     tmp.mkdir(parents=True)
     try:
         special_ids = write_hf_tokenizer(tokenizer_file, tmp, cfg.train.seq_length)
-        shutil.copyfile(tokenizer_file, tmp / TOKENIZER)
+        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
         config = hf_config(
             cfg.model,
             vocab_size=vocab,

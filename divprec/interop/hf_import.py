@@ -21,7 +21,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from divprec.checkpoint.layout import CONFIG, FORMAT_VERSION, METADATA, TOKENIZER, write_atomic
+from divprec.checkpoint.layout import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    METADATA,
+    TOKENIZER_FILE,
+    write_atomic,
+)
 from divprec.interop.hf_mapping import NotExpressible
 
 HF_CONFIG = "config.json"
@@ -95,7 +101,7 @@ def import_hf(hf_dir: Path, out: Path, tokenizer: Path | None = None) -> dict[st
     hf = _read_hf_config(hf_dir)
     if out.exists():
         raise ImportUnusable(f"{out} exists: pass a new directory for the checkpoint")
-    tokenizer = Path(tokenizer).expanduser() if tokenizer else hf_dir / TOKENIZER
+    tokenizer = Path(tokenizer).expanduser() if tokenizer else hf_dir / TOKENIZER_FILE
     if not tokenizer.is_file():
         raise ImportUnusable(
             f"{tokenizer} is missing: pass --tokenizer <SentencePiece .model> (divprec's data "
@@ -173,14 +179,14 @@ def save_fresh_checkpoint(cfg, model, out: Path, tokenizer: Path, imported_from:
                 fresh = params[name].detach().float() if state == "fp32_param" else 0.0
                 sharded.data.copy_(torch.as_tensor(fresh).expand_as(sharded.data))
         dist_checkpointing.save({"model": model_sd, "optimizer": optimizer_sd}, str(tmp))
-        (tmp / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        shutil.copyfile(tokenizer, tmp / TOKENIZER)
+        (tmp / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
         metadata = {
             "step": 0,
             "consumed_samples": 0,
             "layout": {},  # no rank's RNG state is saved: no run restores one
             "world_size": 1,
-            "files": [CONFIG, TOKENIZER],
+            "files": [CONFIG_FILE, TOKENIZER_FILE],
             "imported_from": imported_from,
             "format_version": FORMAT_VERSION,
         }

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from divprec.checkpoint.layout import (
-    CONFIG,
+    CONFIG_FILE,
     LATEST,
     METADATA,
     check_complete,
@@ -45,7 +45,7 @@ def _is_step_dir(path: Path) -> bool:
 def _checkpoint_roots(path: Path) -> list[Path]:
     """Where checkpoints of ``path`` may live: itself, a run dir's checkpoints/, its checkpoint.dir."""
     roots = [path, path / "checkpoints"]
-    config = path / CONFIG
+    config = path / CONFIG_FILE
     if config.is_file():  # a run directory whose checkpoint.dir points elsewhere
         from omegaconf import OmegaConf
 
@@ -95,7 +95,7 @@ def _config_summary(step_dir: Path) -> dict[str, Any]:
     """The run's settings that identify the model and the objective (raw YAML: schema-tolerant)."""
     from omegaconf import OmegaConf
 
-    raw = OmegaConf.to_container(OmegaConf.load(step_dir / CONFIG), resolve=False)
+    raw = OmegaConf.to_container(OmegaConf.load(step_dir / CONFIG_FILE), resolve=False)
     model = raw.get("model", {})
     model_keys = [
         "name", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -147,7 +147,7 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
         with contextlib.suppress(OSError, json.JSONDecodeError):  # status.reason says why
             info.update(read_metadata(step_dir))
     info.pop("files", None)
-    if (step_dir / CONFIG).is_file():
+    if (step_dir / CONFIG_FILE).is_file():
         info["config"] = _config_summary(step_dir)
     tensors = tensors_metadata(step_dir) if (step_dir / ".metadata").is_file() else {}
     model = {k[len(MODEL) :]: v for k, v in tensors.items() if k.startswith(MODEL)}
@@ -175,7 +175,7 @@ def load_run_config(step_dir: Path):
 
     from divprec.config.schema import PretrainConfig
 
-    path = step_dir / CONFIG
+    path = step_dir / CONFIG_FILE
     try:
         saved = OmegaConf.load(path)
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PretrainConfig), saved))

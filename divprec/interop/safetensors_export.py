@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from divprec.checkpoint.layout import CONFIG, TOKENIZER
+from divprec.checkpoint.layout import CONFIG_FILE, TOKENIZER_FILE
 from divprec.interop.locate import resolve_checkpoint
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -64,8 +64,8 @@ def export_model(checkpoint: Path, out: Path, dtype: str = "fp32") -> dict[str, 
     tmp = paths["weights"].with_name(paths["weights"].name + ".tmp")
     save_file(full.tensors, str(tmp), metadata=header)
     os.replace(tmp, paths["weights"])
-    shutil.copyfile(step_dir / TOKENIZER, paths["tokenizer"])
-    shutil.copyfile(step_dir / CONFIG, paths["config"])
+    shutil.copyfile(step_dir / TOKENIZER_FILE, paths["tokenizer"])
+    shutil.copyfile(step_dir / CONFIG_FILE, paths["config"])
     return {
         "checkpoint": str(step_dir),
         "step": metadata["step"],

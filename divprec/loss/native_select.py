@@ -2,12 +2,12 @@
 
 torch has no exact batched selection cheaper than ``torch.topk``, which on CPU costs several times
 a max pass at topk = 100; the C kernel runs the same block algorithm as the torch ops in
-``vocab_parallel._local_top`` with one read of each row and a quickselect on the few logits that
+``divprec.loss.block_topk`` with one read of each row and a quickselect on the few logits that
 can be in the top k, while the row is still in cache. It is built at first use with the system C
 compiler (``cc -O3 -march=native``, about a second) into a per-user cache keyed by the source,
 the compiler and the CPU, and loaded with ctypes; calls release the GIL, so chunks of rows run in
-threads. ``loss.kernel=eager`` never builds it; "auto" falls back to the torch ops (with one
-warning) when it cannot be built.
+threads. ``loss.kernel=eager`` never builds it; divprec.loss.local_top decides, the same on every
+rank, what runs when it cannot be built.
 """
 
 from __future__ import annotations
@@ -134,32 +134,19 @@ def library() -> ctypes.CDLL:
         return lib
 
 
-_WARNED = False
-
-
-def usable(kernel: str) -> bool:
-    """Whether a call with loss.kernel ``kernel`` (already resolved) runs this kernel on CPU.
-
-    "eager" never does; "compiled" does, or raises BuildError; "auto" does when the kernel builds,
-    else warns once and runs the torch ops (same results, slower).
-    """
-    global _WARNED
-    if kernel == "eager":
-        return False
+def build_error() -> BuildError | None:
+    """None when the kernel is built (or builds now) on this process, else why it cannot be."""
     try:
         library()
     except BuildError as error:
-        if kernel == "compiled":
-            raise
-        if not _WARNED:
-            _WARNED = True
-            log.warning(
-                "the shaped loss's CPU top-k kernel could not be built (%s); using torch ops "
-                "(same results, slower). Set loss.kernel=eager to skip the attempt.",
-                error,
-            )
-        return False
-    return True
+        return error
+    return None
+
+
+def available() -> bool:
+    """Whether the kernel builds and loads here (this process only; the loss's ranks agree on it
+    in divprec.loss.local_top.select)."""
+    return build_error() is None
 
 
 def supports(z: torch.Tensor) -> bool:
@@ -189,11 +176,18 @@ def block_topk(
             raise ValueError(f"block_topk: above must be [{rows}], got {tuple(above.shape)}")
         counts = torch.empty(rows, dtype=torch.float32)
     status = library().divprec_block_topk(
-        z.data_ptr(), int(z.dtype == torch.bfloat16), rows, cols, z.stride(0), k,
-        row_max.data_ptr(), top.data_ptr(), ties.data_ptr(),
+        z.data_ptr(),
+        int(z.dtype == torch.bfloat16),
+        rows,
+        cols,
+        z.stride(0),
+        k,
+        row_max.data_ptr(),
+        top.data_ptr(),
+        ties.data_ptr(),
         None if above is None else above.data_ptr(),
         None if counts is None else counts.data_ptr(),
-    )  # fmt: skip
+    )
     if status == 1:
         raise ValueError(f"block_topk: bad arguments (k={k}, shape {(rows, cols)})")
     if status != 0:

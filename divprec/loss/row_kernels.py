@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
+from divprec.loss import chunks
 from divprec.loss.config import KERNELS
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def row_sums(z: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
     z [c, v] (fp32 or bf16) with the target's own logit set to -inf by the caller, which leaves
     it out of every sum at no per-element cost; row_max [c] fp32. With e = exp(z - max) and
     d = z - max: sum e and sum e*d. The sums over K_t come from the top-k lists instead
-    (vocab_parallel._threshold_and_head): a few values per row, not a mask over the vocabulary.
+    (divprec.loss.threshold): a few values per row, not a mask over the vocabulary.
     """
     d = z.float() - row_max[:, None]  # [c, v] fp32
     e = torch.exp(d)
@@ -44,8 +45,8 @@ def row_sums_with_rank(
 ) -> torch.Tensor:
     """row_sums, then #{a: z_a > z_x} (as float) [3, c]; target_logit [c] in z's dtype (exact).
 
-    The rank's count is here when step 1 ran as torch ops; the CPU kernel of step 1 counts it
-    instead, while each row is in cache (native_select.block_topk's ``above``). Compiled, the
+    The rank's count is here when step 1's strategy does not count it (the torch ops); the CPU
+    kernel of step 1 counts it instead, while each row is in cache (divprec.loss.local_top). Compiled, the
     sums and the count are one loop.
     """
     rank = (z > target_logit[:, None]).float().sum(dim=-1)
@@ -166,3 +167,63 @@ def run(fn: Callable, kernel: str, *args: torch.Tensor) -> torch.Tensor | None:
                     raise
                 _mark_failed(fn, error)
     return fn(*args)
+
+
+class ChunkPasses:
+    """Runs the two passes over a chunk of rows: compiled in one call, eager by sub-chunks.
+
+    The forward's pass writes the packed sums (SUM_ROWS), the backward's the gradient.
+    """
+
+    def __init__(self, vocab: int, device: torch.device, kernel: str) -> None:
+        self.kernel = kernel
+        self.compiled = use_compiled(kernel)
+        self.sub_rows = chunks.sub_chunk_rows(vocab, device)
+
+    def calls(self, rows: slice) -> Iterator[slice]:
+        """A compiled pass makes no temporaries: the chunk is one call. Eager: sub-chunks."""
+        if self.compiled:
+            yield rows
+            return
+        yield from (
+            slice(start, min(start + self.sub_rows, rows.stop))
+            for start in range(rows.start, rows.stop, self.sub_rows)
+        )
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        sums: torch.Tensor,
+        row_max: torch.Tensor,
+        target_logit: torch.Tensor,
+        rows: slice,
+        with_rank: bool,
+    ) -> None:
+        """sums[:2, rows] by row_sums, or sums[:3, rows] by row_sums_with_rank (z's dtype
+        target_logit); the caller has set the target's logit to -inf in z."""
+        for r in self.calls(rows):
+            if with_rank:
+                sums[: len(SUM_ROWS), r] = run(
+                    row_sums_with_rank, self.kernel, z[r], row_max[r], target_logit[r]
+                )
+            else:
+                sums[: len(SUM_ROWS) - 1, r] = run(row_sums, self.kernel, z[r], row_max[r])
+
+    def backward(
+        self,
+        z: torch.Tensor,
+        grad: torch.Tensor,
+        row_max: torch.Tensor,
+        tau: torch.Tensor,
+        head_scale: torch.Tensor,
+        tail_scale: torch.Tensor,
+        rows: slice,
+    ) -> None:
+        """grad[rows] by shaped_grad; grad may be z itself (then shaped_grad_, in place)."""
+        inplace = grad.data_ptr() == z.data_ptr()
+        for r in self.calls(rows):
+            scales = (row_max[r], tau[r], head_scale[r], tail_scale[r])
+            if inplace:
+                run(shaped_grad_, self.kernel, z[r], *scales)
+            else:
+                run(shaped_grad, self.kernel, z[r], grad[r], *scales)

@@ -1,8 +1,9 @@
 """The hooks the training loop calls, and the state it passes to them.
 
-Side tasks (logging sinks, progress display) are callbacks, not branches in the loop. Every rank
-calls every hook; each callback decides itself whether it acts on this rank, so the loop stays
-free of rank checks. Hooks never run collectives: the loop reduces metrics before calling them.
+Side tasks (logging sinks, progress display, and in divprec.train checkpointing, preemption and
+the divergence guard) are callbacks, not branches in the loop. Every rank calls every hook in the
+same order, so a hook may run collectives; each callback decides itself whether it acts on this
+rank, so the loop stays free of rank checks. Metrics arrive already reduced.
 """
 
 from __future__ import annotations

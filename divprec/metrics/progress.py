@@ -1,4 +1,4 @@
-"""A tqdm progress bar with ETA on the logging rank, for interactive runs."""
+"""A tqdm progress bar with ETA on the logging rank, for interactive runs (a terminal only)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,20 @@ from divprec.metrics.callback import Callback, TrainState
 _POSTFIX = ("loss", "lm_loss")
 
 
+def _is_terminal(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
 class ProgressBar(Callback):
     """Steps done out of ``total_steps`` (starting at the resumed step) with ETA, and the latest
     loss, lm_loss and tokens/s. Writes to stderr at most every ``mininterval`` seconds.
 
     While the bar is up, records of the root logger's console handlers go through ``tqdm.write``
     so log lines (e.g. :class:`ConsoleLogger`) do not tear the bar.
+
+    When stderr is not a terminal (a SLURM .out file, a pipe, a CI log) there is no bar: its
+    carriage-return frames would pile up in the file, and the plain step lines say the same.
     """
 
     def __init__(self, mininterval: float = 1.0) -> None:
@@ -28,7 +36,7 @@ class ProgressBar(Callback):
         self._redirect = contextlib.ExitStack()
 
     def on_train_start(self, state: TrainState) -> None:
-        if not state.is_logging_rank:
+        if not state.is_logging_rank or not _is_terminal(sys.stderr):
             return
         self._bar = tqdm(
             total=state.total_steps,

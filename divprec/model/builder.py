@@ -25,6 +25,7 @@ allocation on GPU); on CPU it calls :func:`divprec.parallel.cpu.enable_cpu_execu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,8 +66,9 @@ class RMSNorm(torch.nn.RMSNorm):
     """torch RMSNorm with megatron's norm constructor, usable under sequence parallelism.
 
     With sequence parallelism each tensor-parallel rank normalises a slice of the sequence, so the
-    weight gradient is partial: the ``sequence_parallel`` attribute makes megatron's
-    ``finalize_model_grads`` sum it over the tensor-parallel group.
+    weight gradient is partial. The ``sequence_parallel`` attribute marks it, and
+    divprec.parallel.tp_grads sums its gradient over the tensor-parallel group (megatron's own
+    ``finalize_model_grads`` is not used: DeepSpeed reduces the gradients).
     """
 
     def __init__(
@@ -190,8 +192,6 @@ def transformer_config(
     on_gpu = torch.cuda.is_available()
     moe: dict[str, Any] = {}
     if cfg.is_moe:
-        if cfg.moe_router_expert_bias and cfg.moe_router_score_function != "sigmoid":
-            raise ValueError("model.moe_router_expert_bias needs moe_router_score_function=sigmoid")
         moe = dict(
             num_moe_experts=cfg.num_experts,
             moe_ffn_hidden_size=cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size,
@@ -312,7 +312,7 @@ def build_model(
     post_process: bool,
     use_transformer_engine: bool | None = None,
     vp_stage: int | None = None,
-    model_class: type[GPTModel] = GPTModel,
+    model_class: Callable[..., GPTModel] = GPTModel,
 ) -> GPTModel:
     """One pipeline stage (or the whole model) of ``cfg``, initialised from ``seed``.
 
@@ -326,7 +326,8 @@ def build_model(
         pre_process, post_process: this stage holds the embedding / final norm and output layer.
         use_transformer_engine: None = when importable with a GPU.
         vp_stage: virtual pipeline stage (interleaved schedules), else None.
-        model_class: GPTModel or a subclass (divprec.model.shaped_gpt.ShapedGPTModel in training).
+        model_class: GPTModel or a constructor of a subclass (in training, ShapedGPTModel with its
+            ``loss_config`` bound).
 
     Returns:
         A GPTModel whose forward ``(input_ids [b, s], position_ids [b, s], attention_mask=None)``
@@ -342,11 +343,6 @@ def build_model(
         )
     if vocab_size % tensor_parallel:
         raise ValueError(f"vocab_size {vocab_size} is not divisible by tensor_parallel")
-    if cfg.is_moe and tensor_parallel > 1 and not sequence_parallel:
-        # megatron's MoELayer raises in training otherwise; fail at build time instead.
-        raise ValueError(
-            "MoE with tensor_parallel > 1 needs sequence_parallel=True (megatron-core)"
-        )
     if use_transformer_engine is None:
         use_transformer_engine = te_available()
     if cfg.is_moe:
@@ -390,7 +386,7 @@ def build_stage(
     sequence_parallel: bool = False,
     use_transformer_engine: bool | None = None,
     vp_stage: int | None = None,
-    model_class: type[GPTModel] = GPTModel,
+    model_class: Callable[..., GPTModel] = GPTModel,
 ) -> GPTModel:
     """:func:`build_model` for this rank's pipeline stage, layout read from megatron's state."""
     pp = parallel_state.get_pipeline_model_parallel_world_size()

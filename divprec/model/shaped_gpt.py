@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from megatron.core.models.gpt import GPTModel
 
@@ -15,10 +17,13 @@ class ShapedGPTModel(GPTModel):
     """GPTModel whose last stage returns ``[b, s, 6]``: the shaped loss and its stats per token.
 
     The loss is computed on the vocab-parallel logits ``[s, b, V/tp]`` as the output layer produced
-    them: nothing vocabulary-sized is gathered or transposed.
+    them: nothing vocabulary-sized is gathered or transposed. ``loss_config`` has no default: a
+    model that forgot it must not silently train cross-entropy.
     """
 
-    loss_config: ShapedLossConfig = ShapedLossConfig()
+    def __init__(self, *args: Any, loss_config: ShapedLossConfig, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_config = loss_config
 
     def compute_language_model_loss(
         self, labels: torch.Tensor, logits: torch.Tensor

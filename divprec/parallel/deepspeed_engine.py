@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from megatron.core import parallel_state
 
-from divprec.train.config import OptimConfig
+from divprec.parallel.config import OptimConfig
+from divprec.parallel.tp_grads import install_tensor_parallel_grad_hooks
 
 
 class MegatronMpu:
@@ -84,7 +86,9 @@ def deepspeed_config(
         "gradient_clipping": optim.clip_grad,
         "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,  # torch's AdamW as the client optimizer
-        "bf16": {"enabled": bf16},
+        # Skip a step whose gradients are not finite (explicit: under bf16, DeepSpeed before 0.17
+        # applied it).
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "steps_per_print": 2**31 - 1,  # divprec's metrics callbacks report progress
         "wall_clock_breakdown": False,
     }
@@ -120,6 +124,8 @@ def build_engine(
     """
     import deepspeed
 
+    # DeepSpeed asserts LOCAL_RANK; a process started without a launcher is local rank 0.
+    os.environ.setdefault("LOCAL_RANK", "0")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     fused = next(model.parameters()).is_cuda
     optimizer = torch.optim.AdamW(
@@ -164,6 +170,24 @@ def _link_optimizer_state(zero_optimizer) -> None:
     zero_optimizer._lazy_init_hp_params_optimizer_state()
 
 
+def discard_gradients(engine) -> None:
+    """Drop this step's accumulated gradients without an update (weights and Adam state stay).
+
+    What DeepSpeed's ZeRO-1/2 optimizer itself does when it finds a non-finite gradient norm
+    (the overflow branch of ``DeepSpeedZeroOptimizer.step`` in deepspeed 0.19): gradients set to
+    None and the reduced partitions released. Every rank must call it for the same step.
+    """
+    zero = engine.optimizer
+    zero.zero_grad(set_to_none=True)
+    release = getattr(zero, "_release_preflattened_grad_buffers", None)
+    if release is not None:
+        release()
+    for key in list(getattr(zero, "averaged_gradients", {})):
+        zero.averaged_gradients[key] = None
+        if hasattr(zero, "all_grad_tensors"):
+            zero.all_grad_tensors[key] = None
+
+
 def set_learning_rate(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
@@ -185,11 +209,32 @@ class ScheduleView:
 
 
 class GradientSync:
-    """Connects the schedule's backward passes to DeepSpeed's reduction (see the module doc)."""
+    """The one owner of how a step's gradients are reduced; :meth:`attach` wires it.
+
+    1. Tensor parallel: parameters replicated over TP ranks but fed partial inputs (norms under
+       sequence parallelism, QK norms) get a hook that sums their gradient over the TP group
+       per microbatch (divprec.parallel.tp_grads).
+    2. Data parallel: DeepSpeed (see the module doc): ZeRO-1 reduces once after the schedule
+       (:meth:`after_backward`); ZeRO-2 reduce-scatters in backward, with the accumulation boundary
+       set by :meth:`no_sync`, the schedule's ``no_sync_func``.
+    3. megatron-core's own ``finalize_model_grads_func`` and ``grad_scale_func`` are off: DeepSpeed
+       reduces and clips, and the schedule already scales each microbatch loss by
+       1 / num_microbatches.
+    """
 
     def __init__(self, engine, zero_stage: int) -> None:
         self.engine = engine
         self.reduce_in_backward = zero_stage >= 2
+
+    @classmethod
+    def attach(cls, engine, model: torch.nn.Module, zero_stage: int, tensor_group) -> GradientSync:
+        """Install the TP hooks on ``model`` and point megatron's schedule config at this sync."""
+        install_tensor_parallel_grad_hooks(model, tensor_group, model.config.sequence_parallel)
+        sync = cls(engine, zero_stage)
+        model.config.no_sync_func = sync.no_sync
+        model.config.finalize_model_grads_func = None
+        model.config.grad_scale_func = None
+        return sync
 
     def schedule_model(self):
         """What the schedule calls for each microbatch."""

@@ -103,13 +103,20 @@ def pass_at_k_eval(em, task, spec: EvalSpec, seed: int) -> dict:
                 "prompt": problems[i].prompt,
                 "answer": problems[i].answer,
                 "completions": [s.text for s in samples[i][:2]],
-            }  # fmt: skip
+            }
             for i in range(min(3, len(problems)))
         ],
     }
     if spec.greedy:
-        greedy = sample(em, prompts, 1, temperature=0.0, max_new_tokens=spec.max_new_tokens,
-                        batch_size=spec.batch_size, seed=seed)  # fmt: skip
+        greedy = sample(
+            em,
+            prompts,
+            1,
+            temperature=0.0,
+            max_new_tokens=spec.max_new_tokens,
+            batch_size=spec.batch_size,
+            seed=seed,
+        )
         result["greedy_accuracy"] = statistics.fmean(
             task.check(p, row[0]) for p, row in zip(problems, greedy, strict=True)
         )

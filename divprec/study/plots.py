@@ -75,8 +75,14 @@ def plot_pretrain(report: dict, path: Path) -> Path:
 
 def _plot_curve(ax, passk: dict, setting: str, **kwargs) -> None:
     ks = sorted(int(k) for k in passk)
-    ax.plot(ks, [passk[k] if k in passk else passk[str(k)] for k in ks], color=_color(setting),
-            marker="o", ms=3, **kwargs)  # fmt: skip
+    ax.plot(
+        ks,
+        [passk[k] if k in passk else passk[str(k)] for k in ks],
+        color=_color(setting),
+        marker="o",
+        ms=3,
+        **kwargs,
+    )
 
 
 def plot_pass_at_k(report: dict, path: Path) -> Path:
@@ -93,8 +99,11 @@ def plot_pass_at_k(report: dict, path: Path) -> Path:
 
 
 def plot_rl_curves(report: dict, path: Path) -> Path:
-    keys = (("reward_mean", "reward (mean)"), ("entropy", "policy entropy"),
-            ("response_length", "response length (tokens)"))  # fmt: skip
+    keys = (
+        ("reward_mean", "reward (mean)"),
+        ("entropy", "policy entropy"),
+        ("response_length", "response length (tokens)"),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for setting, entry in report["settings"].items():
         history = [r for r in (entry.get("rl") or {}).get("history") or [] if "reward_mean" in r]

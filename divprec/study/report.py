@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from divprec.checkpoint.layout import CONFIG_FILE
+
 REPORT = "report.json"
 RESULTS = "results.md"  # the tables of docs/study.md, generated from report.json
 # Keys of report.json (docs/study.md documents them; tests check them).
@@ -57,7 +59,7 @@ def summarize_pretrain(metrics: list[dict], marker: dict | None) -> dict:
         "curves": {
             "step": [m["step"] for m in metrics],
             **{k: [m.get(k) for m in metrics] for k in CURVE_KEYS},
-        },  # fmt: skip
+        },
     }
 
 
@@ -105,7 +107,7 @@ def summarize_rl(result: dict | None) -> dict | None:
 
 
 def _loss_of(run_dir: Path) -> dict | None:
-    path = run_dir / "config.yaml"
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
         return None
     from omegaconf import OmegaConf
@@ -130,15 +132,22 @@ def check_claims(settings: dict[str, dict]) -> dict:
     evals = {s: v["eval"] for s, v in settings.items() if v.get("eval")}
     sources = sorted({src for e in evals.values() for src in e.get("heldout", {})})
     for src in sources:
-        stat = {s: {k: e["heldout"][src][k] for k in ("entropy", "tail_mass", "perplexity")}
-                for s, e in evals.items() if src in e.get("heldout", {})}  # fmt: skip
+        stat = {
+            s: {k: e["heldout"][src][k] for k in ("entropy", "tail_mass", "perplexity")}
+            for s, e in evals.items()
+            if src in e.get("heldout", {})
+        }
         entropy = {s: v["entropy"] for s, v in stat.items()}
         tail = {s: v["tail_mass"] for s, v in stat.items()}
         ppl = {s: v["perplexity"] for s, v in stat.items()}
         claims[f"entropy_diversity_gt_ce_gt_precision/{src}"] = {
-            "entropy": entropy, "holds": _order(entropy, ["diversity", "ce", "precision"])}  # fmt: skip
+            "entropy": entropy,
+            "holds": _order(entropy, ["diversity", "ce", "precision"]),
+        }
         claims[f"tail_penalty_less_tail_mass_than_ce/{src}"] = {
-            "tail_mass": tail, "holds": _order(tail, ["ce", "tail_penalty"])}  # fmt: skip
+            "tail_mass": tail,
+            "holds": _order(tail, ["ce", "tail_penalty"]),
+        }
         if len(ppl) >= 2:
             low, high = min(ppl.values()), max(ppl.values())
             claims[f"perplexity_about_equal/{src}"] = {
@@ -274,14 +283,34 @@ def results_markdown(report: dict) -> str:
         for s, entry in settings.items():
             stats = ((entry.get("eval") or {}).get("heldout") or {}).get(src)
             if stats:
-                rows.append([s, _fmt(stats.get("perplexity")), _fmt(stats.get("entropy")),
-                             _fmt(stats.get("topk_mass"), 4), _fmt(stats.get("tail_mass"), 4),
-                             _fmt(stats.get("target_rank"), 2),
-                             _fmt(stats.get("top1_accuracy"))])  # fmt: skip
+                rows.append(
+                    [
+                        s,
+                        _fmt(stats.get("perplexity")),
+                        _fmt(stats.get("entropy")),
+                        _fmt(stats.get("topk_mass"), 4),
+                        _fmt(stats.get("tail_mass"), 4),
+                        _fmt(stats.get("target_rank"), 2),
+                        _fmt(stats.get("top1_accuracy")),
+                    ]
+                )
         if rows:
             out.append(f"Held-out tokens, {src}:\n")
-            out.append(_table(["setting", "perplexity", "entropy", "top-100 mass", "tail mass",
-                               "target rank", "top-1 acc"], rows) + "\n")  # fmt: skip
+            out.append(
+                _table(
+                    [
+                        "setting",
+                        "perplexity",
+                        "entropy",
+                        "top-100 mass",
+                        "tail mass",
+                        "target rank",
+                        "top-1 acc",
+                    ],
+                    rows,
+                )
+                + "\n"
+            )
     rows = []
     for s, entry in settings.items():
         ev, rl = entry.get("eval") or {}, entry.get("rl") or {}
@@ -292,25 +321,53 @@ def results_markdown(report: dict) -> str:
         first = (rl.get("first_eval") or {}).get("pass_at_k") or {}
         last = (rl.get("last_eval") or {}).get("pass_at_k") or {}
         kmax = max(last) if last else None
-        rows.append([
-            s,
-            _fmt(passk.get(1)), _fmt(passk.get(4)), _fmt(passk.get(n)), _fmt(ev.get("greedy_accuracy")),
-            f"{_fmt(first.get(1))} -> {_fmt(last.get(1))}",
-            f"{_fmt(first.get(kmax))} -> {_fmt(last.get(kmax))}",
-            f"{_fmt((rl.get('reward_mean') or {}).get('start'))} -> {_fmt((rl.get('reward_mean') or {}).get('end'))}",
-            f"{_fmt((rl.get('entropy') or {}).get('start'))} -> {_fmt((rl.get('entropy') or {}).get('end'))}",
-            f"{_fmt((rl.get('response_length') or {}).get('start'), 1)} -> {_fmt((rl.get('response_length') or {}).get('end'), 1)}",
-        ])  # fmt: skip
-    n_label = max((max(e["eval"]["pass_at_k"]) for e in settings.values()
-                   if (e.get("eval") or {}).get("pass_at_k")), default="n")  # fmt: skip
+        rows.append(
+            [
+                s,
+                _fmt(passk.get(1)),
+                _fmt(passk.get(4)),
+                _fmt(passk.get(n)),
+                _fmt(ev.get("greedy_accuracy")),
+                f"{_fmt(first.get(1))} -> {_fmt(last.get(1))}",
+                f"{_fmt(first.get(kmax))} -> {_fmt(last.get(kmax))}",
+                f"{_fmt((rl.get('reward_mean') or {}).get('start'))} -> {_fmt((rl.get('reward_mean') or {}).get('end'))}",
+                f"{_fmt((rl.get('entropy') or {}).get('start'))} -> {_fmt((rl.get('entropy') or {}).get('end'))}",
+                f"{_fmt((rl.get('response_length') or {}).get('start'), 1)} -> {_fmt((rl.get('response_length') or {}).get('end'), 1)}",
+            ]
+        )
+    n_label = max(
+        (
+            max(e["eval"]["pass_at_k"])
+            for e in settings.values()
+            if (e.get("eval") or {}).get("pass_at_k")
+        ),
+        default="n",
+    )
     out.append("Pass@k after pre-training, and the RL probe (start -> end):\n")
-    out.append(_table(["setting", "pass@1", "pass@4", f"pass@{n_label}", "greedy",
-                       "RL pass@1", "RL pass@8", "RL reward", "RL entropy", "RL length"],
-                      rows) + "\n")  # fmt: skip
+    out.append(
+        _table(
+            [
+                "setting",
+                "pass@1",
+                "pass@4",
+                f"pass@{n_label}",
+                "greedy",
+                "RL pass@1",
+                "RL pass@8",
+                "RL reward",
+                "RL entropy",
+                "RL length",
+            ],
+            rows,
+        )
+        + "\n"
+    )
     claims = [[name, _fmt(c.get("holds"))] for name, c in report["claims"].items() if "holds" in c]
     out.append("Claims:\n")
     out.append(_table(["claim", "holds"], claims) + "\n")
     t = report["timings"]
-    out.append(f"Time: {_fmt(t.get('total_wall_s'), 0)} s wall, {_fmt(t.get('total_cpu_s'), 0)} s CPU "
-               "over the recorded stages.\n")  # fmt: skip
+    out.append(
+        f"Time: {_fmt(t.get('total_wall_s'), 0)} s wall, {_fmt(t.get('total_cpu_s'), 0)} s CPU "
+        "over the recorded stages.\n"
+    )
     return "\n".join(out)

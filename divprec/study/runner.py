@@ -221,8 +221,12 @@ class Study:
             def poll() -> None:
                 last = _last_jsonl(metrics)
                 if last:
-                    postfix({"step": f"{last.get('step')}/{total}",
-                             "loss": f"{last.get('lm_loss', float('nan')):.3f}"})  # fmt: skip
+                    postfix(
+                        {
+                            "step": f"{last.get('step')}/{total}",
+                            "loss": f"{last.get('lm_loss', float('nan')):.3f}",
+                        }
+                    )
 
             start = time.perf_counter()
             run_command(argv, run_dir / "train.log", poll=poll, env={"PYTHONUNBUFFERED": "1"})
@@ -242,8 +246,13 @@ class Study:
 
     def _eval_fn(self, setting: str):
         def run(postfix: Callable[[dict], None]) -> None:
-            args = (str(self.run_dir(setting)), asdict(self.cfg.eval), asdict(self.cfg.data),
-                    self.cfg.seed, self.cfg.torch_threads)  # fmt: skip
+            args = (
+                str(self.run_dir(setting)),
+                asdict(self.cfg.eval),
+                asdict(self.cfg.data),
+                self.cfg.seed,
+                self.cfg.torch_threads,
+            )
             from divprec.study.evaluate import evaluate_checkpoint
 
             run_function(
@@ -262,11 +271,21 @@ class Study:
             def poll() -> None:
                 last = _last_jsonl(progress)
                 if last:
-                    postfix({"step": f"{last.get('step')}/{total}",
-                             "reward": f"{last.get('reward_mean', float('nan')):.3f}"})  # fmt: skip
+                    postfix(
+                        {
+                            "step": f"{last.get('step')}/{total}",
+                            "reward": f"{last.get('reward_mean', float('nan')):.3f}",
+                        }
+                    )
 
-            args = (str(self.run_dir(setting)), asdict(self.cfg.rl), asdict(self.cfg.data),
-                    self.cfg.seed, str(progress), self.cfg.torch_threads)  # fmt: skip
+            args = (
+                str(self.run_dir(setting)),
+                asdict(self.cfg.rl),
+                asdict(self.cfg.data),
+                self.cfg.seed,
+                str(progress),
+                self.cfg.torch_threads,
+            )
             run_function(
                 rl_probe, args, self.rl_path(setting), self.log_path(f"rl_{setting}"), poll=poll
             )
@@ -292,8 +311,9 @@ def run_study(
     stages = study.stages()
     start = time.perf_counter()
     ran: list[str] = []
-    with tqdm(total=len(stages) + 1, desc="study", unit="stage", disable=not progress,
-              dynamic_ncols=True) as bar:  # fmt: skip
+    with tqdm(
+        total=len(stages) + 1, desc="study", unit="stage", disable=not progress, dynamic_ncols=True
+    ) as bar:
         for stage in stages:
             if stage.done():
                 bar.update(1)
@@ -309,7 +329,8 @@ def run_study(
             ran.append(stage.name)
             bar.update(1)
         bar.set_description("report")
-        report = build_report(study, ran_stages=ran, invocation_seconds=time.perf_counter() - start,
-                              plots=plots)  # fmt: skip
+        report = build_report(
+            study, ran_stages=ran, invocation_seconds=time.perf_counter() - start, plots=plots
+        )
         bar.update(1)
     return report

@@ -1,38 +1,8 @@
-"""Training-loop and optimizer configuration (the Hydra groups ``train`` and ``optim``)."""
+"""Training-loop configuration (the Hydra group ``train``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with a warmup-stable-decay learning rate (the paper: warmup 2000, 3e-4, decay to 3e-5).
-
-    Steps [0, warmup) ramp linearly to ``lr``; the next ``stable_steps`` hold it; the last
-    ``decay_steps`` go to ``final_lr`` following ``decay_style``. ``stable_steps`` None: whatever
-    train.steps leaves after warmup and decay. ``decay_fraction`` (instead of ``decay_steps``):
-    decay over that fraction of train.steps, so one schedule fits runs of any length.
-    """
-
-    lr: float = 3e-4
-    final_lr: float = 3e-5
-    warmup_steps: int = 2000
-    stable_steps: int | None = None
-    decay_steps: int = 0
-    decay_fraction: float | None = None
-    decay_style: str = "linear"  # "linear" | "cosine" | "sqrt"
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-
-    def decay_length(self, total_steps: int) -> int:
-        """Steps of the decay phase of a ``total_steps`` run."""
-        if self.decay_fraction is not None:
-            return round(self.decay_fraction * total_steps)
-        return self.decay_steps
 
 
 @dataclass
@@ -50,3 +20,5 @@ class TrainConfig:
     seq_length: int = 256
     seed: int = 1234
     precision: str = "auto"  # "auto" | "bf16" | "fp32"
+    max_skipped_steps: int = 5  # consecutive non-finite steps (updates skipped) before stopping
+    preemption_signal: str = "USR1"  # with SIGTERM: save and exit 75 (launch/pretrain.slurm agrees)

@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import math
 
-from divprec.train.config import OptimConfig
+from divprec.parallel.config import OptimConfig
 
 
 def learning_rate(step: int, cfg: OptimConfig, total_steps: int) -> float:
     """The learning rate of optimizer step ``step`` (0-based) of ``total_steps``.
 
-    [0, warmup): linear from lr/warmup to lr. Then hold lr. The last decay steps (or those after
-    warmup + stable_steps, when set) go from lr to final_lr.
+    [0, warmup): linear from lr/warmup to lr. Then hold lr for the stable steps; the decay steps
+    go from lr to final_lr (and final_lr holds after them). The phases are
+    ``OptimConfig.phases``: a schedule longer than the run is shrunk to fit it.
     """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_len = cfg.decay_length(total_steps)
-    if cfg.stable_steps is not None:
-        decay_start = cfg.warmup_steps + cfg.stable_steps
-    else:
-        decay_start = total_steps - decay_len
+    warmup, stable, decay_len = cfg.phases(total_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    decay_start = warmup + stable
     if step < decay_start or decay_len == 0:
         return cfg.lr
     progress = min(1.0, (step - decay_start + 1) / decay_len)

@@ -1,53 +1,93 @@
-"""The forward_step / loss_func contract of megatron-core's schedules, for the shaped objective."""
+"""One optimizer step, read in one place: :func:`train_step`.
+
+The path of one step through the code:
+  1. the learning rate for this step (divprec.train.schedule), set on DeepSpeed's optimizer;
+  2. megatron-core's schedule (1F1B with pipeline parallelism) runs the microbatches
+     (divprec.train.microbatch); on the last stage the model computes the shaped loss and its
+     stats over the vocab-parallel logits (divprec.model.shaped_gpt -> divprec.loss);
+  3. backward; tensor-parallel partial gradients are summed by hooks, and DeepSpeed reduces over
+     data parallel (divprec.parallel.deepspeed_engine.GradientSync);
+  4. the stats' token means over the whole world (one all-reduce; every rank gets the same);
+  5. MoE with expert bias: the routers' bias moves towards balanced load (divprec.train.moe);
+  6. the update: DeepSpeed clips and applies AdamW to its ZeRO partitions, or skips it when the
+     gradient norm is not finite. A non-finite loss skips it too (every rank agrees: step 4).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from functools import partial
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
-from divprec.metrics.reduce import TokenStatSums, masked_sums
-from divprec.model.shaped_gpt import OUTPUT_CHANNELS
-
-# Names of the per-token channels in metrics: nll is reported as lm_loss (the perplexity loss).
-METRIC_NAMES = {"loss": "loss", "nll": "lm_loss", "entropy": "entropy", "topk_mass": "topk_mass",
-                "target_prob": "target_prob", "target_rank": "target_rank"}  # fmt: skip
-
-
-def loss_func(
-    loss_mask: torch.Tensor, stat_sums: TokenStatSums, output: torch.Tensor
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean shaped loss over this microbatch's unmasked tokens; the stats go to ``stat_sums``.
-
-    ``output``: ``[b, s, 6]`` from ShapedGPTModel (loss, then detached stats). The schedule divides
-    the returned loss by the number of microbatches.
-    """
-    mask = loss_mask.to(output.device, torch.float32)  # [b, s]
-    channels = dict(zip(OUTPUT_CHANNELS, output.float().unbind(-1), strict=True))  # each [b, s]
-    loss = (channels["loss"] * mask).sum() / mask.sum().clamp(min=1.0)
-    stat_sums.add(masked_sums({METRIC_NAMES[k]: v for k, v in channels.items()}, mask))
-    # The schedule divides the returned loss in place: report a copy.
-    return loss, {"loss": loss.detach().clone()}
+from divprec.metrics.reduce import TokenStatSums, reduce_token_means
+from divprec.parallel.deepspeed_engine import discard_gradients, set_learning_rate
+from divprec.train.build import Run
+from divprec.train.microbatch import empty_stat_sums, make_forward_step
+from divprec.train.moe import update_router_expert_bias
+from divprec.train.schedule import learning_rate
 
 
-def make_forward_step(
-    stat_sums: TokenStatSums, device: torch.device
-) -> Callable[[Iterator[dict[str, torch.Tensor]], torch.nn.Module], tuple]:
-    """forward_step(data_iterator, model) for megatron-core's forward_backward functions."""
+@dataclass
+class StepResult:
+    """What one step did. ``means`` are token means over the world (loss, lm_loss, entropy, ...);
+    ``skipped`` names what was not finite when the update was not applied, else None."""
 
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        tokens = batch["tokens"].to(device, non_blocking=True)  # [b, s]
-        labels = batch["labels"].to(device, non_blocking=True)  # [b, s]
-        position_ids = batch["position_ids"].to(device, non_blocking=True)  # [b, s]
-        output = model(tokens, position_ids, None, labels=labels)  # last stage: [b, s, 6]
-        return output, partial(loss_func, batch["loss_mask"], stat_sums)
-
-    return forward_step
+    step: int  # optimizer steps done, this one included
+    lr: float
+    means: dict[str, float]
+    grad_norm: float
+    skipped: str | None = None
+    moe: dict[str, float] = field(default_factory=dict)
 
 
-def empty_stat_sums(device: torch.device) -> dict[str, torch.Tensor]:
-    """Zero sums with every key: what a rank without the loss (not the last stage) contributes."""
-    ones = torch.ones(1, 1, device=device)
-    return masked_sums({name: ones for name in METRIC_NAMES.values()}, torch.zeros_like(ones))
+def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], step: int) -> StepResult:
+    """Run step ``step`` (0-based) of ``run`` on every rank. Collectives: the schedule's pipeline
+    sends/receives, the TP and DP gradient reductions, one all-reduce SUM of the stats, the MoE
+    token counts, and DeepSpeed's gradient-norm reductions."""
+    cfg, ctx, engine = run.cfg, run.ctx, run.engine
+    lr = learning_rate(step, cfg.optim, cfg.train.steps)  # 1
+    set_learning_rate(engine, lr)
+    stat_sums = TokenStatSums()
+    engine.module.train()
+    run.forward_backward(  # 2, 3
+        forward_step_func=make_forward_step(stat_sums, ctx.device),
+        data_iterator=batches,
+        model=[run.grad_sync.schedule_model()],
+        num_microbatches=run.num_microbatches,
+        seq_length=cfg.train.seq_length,
+        micro_batch_size=cfg.train.micro_batch_size,
+        forward_only=False,
+    )
+    run.grad_sync.after_backward()
+    # 4: only the last stage has stats; the others add zeros. TP ranks hold identical stats,
+    # which scales every sum and the token count alike, so the means are exact.
+    sums = stat_sums.totals() if ctx.is_last_stage else empty_stat_sums(ctx.device)
+    means = reduce_token_means(sums, group=None)
+    means.pop("num_tokens", None)
+    moe = {}
+    if cfg.model.is_moe and cfg.model.moe_router_expert_bias:  # 5
+        moe = update_router_expert_bias(engine.module, cfg.model.moe_router_bias_update_rate)
+    loss_finite = math.isfinite(means["loss"]) and math.isfinite(means["lm_loss"])
+    if loss_finite:  # 6
+        engine.step()
+    else:
+        discard_gradients(engine)
+    grad_norm = _grad_norm(engine) if loss_finite else float("nan")
+    skipped = None
+    if not loss_finite or not engine.was_step_applied():
+        bad = [] if loss_finite else ["loss"]
+        if not math.isfinite(grad_norm) and loss_finite:
+            bad.append("grad_norm")
+        skipped = " and ".join(bad) or "grad_norm"
+    return StepResult(step + 1, lr, means, grad_norm, skipped, moe)
+
+
+def _grad_norm(engine) -> float:
+    """DeepSpeed's global gradient norm of the last step (before clipping; inf when it was not
+    finite and DeepSpeed skipped the update)."""
+    norm = engine.get_global_grad_norm()
+    if isinstance(norm, torch.Tensor):
+        norm = norm.item()
+    return float(norm) if norm is not None else float("nan")

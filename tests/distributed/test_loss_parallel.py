@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pytest
 import torch
-from compile_support import HAS_COMPILER
+from compile_support import HAS_COMPILER, needs_c_compiler, needs_compiler
 from loss_reference import reference, relative_error
 
 from divprec.loss import STAT_NAMES, ShapedLossConfig, shaped_loss, vocab_parallel_shaped_loss
@@ -183,12 +184,12 @@ def _wide_cases() -> list[tuple[str, ShapedLossConfig, torch.Tensor, torch.Tenso
 
 
 def _wide_worker(rank: int, world: int) -> dict:
-    import divprec.loss.vocab_parallel as vp
+    from divprec.loss import block_topk
 
     group = torch.distributed.group.WORLD
     out = {}
     for name, cfg, logits, target in _wide_cases():
-        assert vp._block_size(WIDE // world, cfg.topk) is not None, name
+        assert block_topk.block_size(WIDE // world, cfg.topk) is not None, name
         for inplace, kernel in KERNEL_VARIANTS:
             z = _shard(logits, rank, world).requires_grad_(True)
             loss, stats = vocab_parallel_shaped_loss(
@@ -196,8 +197,10 @@ def _wide_worker(rank: int, world: int) -> dict:
             )
             loss.sum().backward()
             out[name, inplace, kernel] = (
-                loss.detach(), z.grad, {k: v.clone() for k, v in stats.items()}
-            )  # fmt: skip
+                loss.detach(),
+                z.grad,
+                {k: v.clone() for k, v in stats.items()},
+            )
     return out
 
 
@@ -233,3 +236,57 @@ def test_block_path_vocab_parallel_equals_single_process(world):
             torch.testing.assert_close(
                 loss.detach().double(), ref_loss, rtol=1e-5, atol=1e-6, msg=name
             )
+
+
+# --- The ranks agree on step 1's kernel: one rank cannot build the C kernel ---
+
+
+def _one_rank_cannot_build_worker(rank: int, world: int, cache_root: str, failing_cc: str) -> dict:
+    from divprec.loss import local_top, native_select, row_kernels
+
+    os.environ["DIVPREC_KERNEL_CACHE"] = os.path.join(cache_root, f"rank{rank}")
+    if rank == 1:  # this rank's C compiler fails: a real build failure, on this rank only
+        os.environ["CC"] = failing_cc
+    row_kernels.AUTO_MIN_ELEMENTS = 0  # "auto" takes the kernels at this toy size
+    group = torch.distributed.group.WORLD
+    name, cfg, logits, target = _wide_cases()[0]
+    out = {"built": native_select.available()}
+    z = _shard(logits, rank, world).requires_grad_(True)
+    out["strategy"] = local_top.select("auto", z.detach(), group).name
+    loss, stats = vocab_parallel_shaped_loss(z, target, replace(cfg, kernel="auto"), tp_group=group)
+    loss.sum().backward()
+    out["auto"] = (loss.detach(), z.grad, {k: v.clone() for k, v in stats.items()})
+    try:  # "compiled" requires the kernel: every rank raises, none waits in a collective
+        vocab_parallel_shaped_loss(z.detach(), target, replace(cfg, kernel="compiled"), group)
+        out["compiled"] = None
+    except native_select.BuildError as error:
+        out["compiled"] = str(error)
+    return out
+
+
+@pytest.mark.slow  # two processes compile the passes ("auto"): ~35 s on 2 shared cores
+@needs_compiler
+@needs_c_compiler
+def test_ranks_agree_on_the_kernel_when_one_rank_cannot_build_it(tmp_path):
+    failing_cc = tmp_path / "failing-cc"
+    failing_cc.write_text("#!/bin/sh\necho 'failing-cc: error: cannot compile' >&2\nexit 1\n")
+    failing_cc.chmod(0o755)
+    results = run_in_processes(
+        _one_rank_cannot_build_worker, 2, str(tmp_path), str(failing_cc), timeout_s=300
+    )
+    assert [r["built"] for r in results] == [True, False]  # the fault is real, on rank 1 only
+    assert [r["strategy"] for r in results] == ["torch", "torch"]  # agreed: the torch ops
+    name, cfg, logits, target = _wide_cases()[0]
+    z = logits.clone().requires_grad_(True)
+    loss, stats = shaped_loss(z, target, replace(cfg, kernel="eager"))
+    loss.sum().backward()
+    for r in results:
+        torch.testing.assert_close(r["auto"][0], loss.detach(), rtol=1e-5, atol=1e-6)
+        for stat in STAT_NAMES:
+            torch.testing.assert_close(r["auto"][2][stat], stats[stat], rtol=1e-5, atol=1e-6)
+    grad = torch.cat([r["auto"][1] for r in results], dim=-1)
+    ref_loss, ref_grad, _ = reference(logits, target, cfg)
+    assert relative_error(grad, ref_grad) < 1e-5
+    torch.testing.assert_close(loss.detach().double(), ref_loss, rtol=1e-5, atol=1e-6)
+    assert "cannot compile" in results[1]["compiled"]
+    assert "could not be built on tensor-parallel rank(s) [1]" in results[0]["compiled"]

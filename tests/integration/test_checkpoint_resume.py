@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from toy_model import tiny_run
 
 from divprec.config.compose import compose_config
 from divprec.config.validate import validate
@@ -20,17 +21,11 @@ from divprec.parallel.spawn import run_in_processes
 pytestmark = pytest.mark.slow
 
 STEPS = 4
-BASE = [
+BASE = tiny_run(
     "loss=tail_penalty",
     "loss.beta=-0.25",
     f"train.steps={STEPS}",
-    "train.seq_length=64",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=2",
-    "optim.warmup_steps=1",
-    "logging.wandb.mode=disabled",
-    "logging.progress=false",
-]
+)
 
 
 class SignalAt(Callback):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_model import tiny_run
 
 from divprec.config.compose import compose_config
 from divprec.parallel.spawn import run_in_processes
@@ -19,19 +20,13 @@ pytestmark = pytest.mark.slow
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "checkpoint.py"
 STEP = "step_0000002"
-BASE = [
+BASE = tiny_run(
     "train.steps=2",
-    "train.seq_length=64",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=2",
-    "optim.warmup_steps=1",
     # Adam divides by sqrt(v) + eps: with the default eps a weight whose gradient is ~1e-8 moves
     # by ~lr on float noise, so layouts would differ by 1e-4 in a few elements. A larger eps keeps
     # the update proportional to the gradient and the layouts' weights equal to ~1e-6.
     "optim.adam_eps=1e-3",
-    "logging.wandb.mode=disabled",
-    "logging.progress=false",
-]
+)
 # Checkpoint keys stack the layers on dim 0 and name the norms as Transformer Engine fuses them.
 CHECKPOINT_TO_MODEL = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",

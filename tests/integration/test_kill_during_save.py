@@ -11,23 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
+from toy_model import tiny_run
 
 from divprec.checkpoint.layout import check_complete, resolve_latest
 
 pytestmark = pytest.mark.slow
 
 STEPS = 10
-ARGS = [
+ARGS = tiny_run(
     f"train.steps={STEPS}",
-    "train.seq_length=64",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=2",
-    "optim.warmup_steps=1",
     "checkpoint.interval=1",
     "checkpoint.keep_last=2",
-    "logging.wandb.mode=disabled",
-    "logging.progress=false",
-]
+)
 
 
 def _start(run_dir: Path, capture: bool) -> subprocess.Popen:

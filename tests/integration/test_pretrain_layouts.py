@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from toy_model import tiny_run
 
 from divprec.config.compose import compose_config
 from divprec.config.validate import validate
@@ -13,17 +14,11 @@ from divprec.parallel.spawn import run_in_processes
 pytestmark = pytest.mark.slow
 
 # A small, fast run of the tiny model with the shaped loss (precision + tail penalty).
-BASE = [
+BASE = tiny_run(
     "loss=tail_penalty",
     "loss.beta=-0.25",
     "train.steps=3",
-    "train.seq_length=64",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=2",
-    "optim.warmup_steps=1",
-    "logging.wandb.mode=disabled",
-    "logging.progress=false",
-]
+)
 
 
 def _train(rank: int, world: int, overrides: list[str], run_dir: str) -> list[dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from toy_model import tiny_run
 
 from divprec.config.compose import compose_config
 from divprec.config.validate import validate
@@ -13,16 +14,11 @@ from divprec.parallel.spawn import run_in_processes
 
 pytestmark = pytest.mark.slow
 
-PRETRAIN = [
+PRETRAIN = tiny_run(
     "train.steps=2",
-    "train.seq_length=64",
     "train.global_batch_size=4",
-    "train.micro_batch_size=2",
-    "optim.warmup_steps=1",
     "loss=precision",
-    "logging.wandb.mode=disabled",
-    "logging.progress=false",
-]
+)
 
 
 def _pretrain(rank: int, world: int, run_dir: str) -> int:

@@ -1,4 +1,5 @@
-"""Smoke test of tools/bench_loss.py and tools/bench_train.py at toy sizes: their JSON output."""
+"""Smoke test of tools/bench_loss.py, tools/bench_threshold.py and tools/bench_train.py at toy
+sizes: their JSON output."""
 
 from __future__ import annotations
 
@@ -13,9 +14,22 @@ import pytest
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 LOSS_KEYS = {
-    "vocab", "tokens", "topk", "tp", "device", "dtype", "config", "inplace", "kernel", "shaped_ms",
-    "megatron_ce_ms", "time_ratio", "shaped_peak_bytes", "megatron_ce_peak_bytes", "memory_ratio",
-}  # fmt: skip
+    "vocab",
+    "tokens",
+    "topk",
+    "tp",
+    "device",
+    "dtype",
+    "config",
+    "inplace",
+    "kernel",
+    "shaped_ms",
+    "megatron_ce_ms",
+    "time_ratio",
+    "shaped_peak_bytes",
+    "megatron_ce_peak_bytes",
+    "memory_ratio",
+}
 TRAIN_KEYS = {"loss", "tokens_per_s", "tflops", "mfu", "step_time_s", "ratio_to_baseline"}
 
 
@@ -35,7 +49,7 @@ def test_bench_loss_json(tmp_path):
     out = tmp_path / "loss.json"
     bench = _load("bench_loss")
     args = ["--vocab", "512", "--tokens", "64", "--topk", "1", "100", "--tp", "1", "--repeats", "1"]
-    assert bench.main([*args, "--configs", "paper", "--json", str(out)]) == 0
+    assert bench.main([*args, "--configs", "paper", "--steps", "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     # topk {1, 100} x inplace {off, on} for fp32.
     assert len(records) == 4
@@ -56,6 +70,9 @@ def test_bench_loss_json(tmp_path):
         )
         for key in ("shaped_ms", "megatron_ce_ms", "time_ratio", "memory_ratio"):
             assert _positive(r[key]), (key, r[key])
+        steps = r["shaped_steps_ms"]  # --steps: each step of the loss (divprec.loss.step_times)
+        assert list(steps)[:2] == ["0 target logit", "1 local top-k"] and "backward" in steps
+        assert all(ms >= 0 for ms in steps.values()) and _positive(sum(steps.values()))
         inputs = 512 * 64 * 4
         # Peaks count the inputs; megatron-core's CE works in place on fp32 logits.
         assert r["megatron_ce_peak_bytes"] >= inputs and r["shaped_peak_bytes"] >= inputs
@@ -73,16 +90,16 @@ def test_bench_loss_skips_what_does_not_fit(tmp_path, capsys):
     assert "needs ~" in capsys.readouterr().out
 
 
-def test_bench_loss_threshold_methods(tmp_path):
+def test_bench_threshold_methods(tmp_path):
     out = tmp_path / "threshold.json"
-    bench = _load("bench_loss")
-    args = ["--threshold", "--vocab", "2048", "--tokens", "32", "--topk", "1", "50"]
+    bench = _load("bench_threshold")
+    args = ["--vocab", "2048", "--tokens", "32", "--topk", "1", "50"]
     assert bench.main([*args, "--repeats", "1", "--json", str(out)]) == 0
     records = json.loads(out.read_text())
     from divprec.loss import native_select
 
     methods = {"row_max_only", "block_topk", "torch_topk", "kthvalue"}
-    if native_select.usable("auto"):  # the C kernel, where a C compiler is found
+    if native_select.available():  # the C kernel, where a C compiler is found
         methods.add("native_block_topk")
     assert {(r["topk"], r["method"]) for r in records} == {(k, m) for k in (1, 50) for m in methods}
     for r in records:
@@ -91,11 +108,12 @@ def test_bench_loss_threshold_methods(tmp_path):
     import torch
 
     z = torch.randn(32, 2048)
-    fns = bench._threshold_methods(50)
+    fns = bench.methods(50)
     expected = torch.topk(z, 50, dim=-1).values[:, -1]
     for name in methods - {"row_max_only", "kthvalue"}:
         torch.testing.assert_close(fns[name](z), expected, rtol=0, atol=0)
     torch.testing.assert_close(fns["kthvalue"](z)[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(fns["row_max_only"](z), z.amax(dim=-1), rtol=0, atol=0)
 
 
 def test_bench_train_json(tmp_path):

@@ -1,4 +1,5 @@
-"""The NumPy port of megatron's helpers.cpp matches the C++ extension exactly."""
+"""megatron-core's compiled dataset helpers: present on the supported platforms, and a missing
+extension is one clear error before any dataset is built."""
 
 from __future__ import annotations
 
@@ -6,116 +7,38 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
-import pytest
-
-from divprec.data import megatron_helpers as port
+from divprec.data.megatron_helpers import require_megatron_helpers
 
 
-def _cpp():
-    """megatron-core's compiled helpers, loaded from their file (even if the port is registered).
-
-    The megatron-core wheels ship the extension for CPython 3.10-3.13 on Linux x86_64/aarch64,
-    the platforms divprec supports: there its absence is a broken install and fails the test.
-    """
-    import importlib.machinery
-    import importlib.util
-    import platform
-    from pathlib import Path
-
-    import megatron.core.datasets as package
-
-    suffixes = importlib.machinery.EXTENSION_SUFFIXES
-    found = [p for p in Path(package.__file__).parent.glob("helpers_cpp*") if p.name.endswith(
-        tuple(suffixes))]  # fmt: skip
-    if not found:
-        shipped = (
-            sys.platform == "linux"
-            and platform.machine() in ("x86_64", "aarch64")
-            and (3, 10) <= sys.version_info[:2] <= (3, 13)
-        )
-        if shipped:
-            pytest.fail("megatron-core's helpers_cpp extension is missing: reinstall megatron-core")
-        pytest.skip("megatron-core ships no helpers_cpp wheel for this platform")
-    spec = importlib.util.spec_from_file_location("megatron.core.datasets.helpers_cpp", found[0])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_the_extension_imports_here():
+    require_megatron_helpers()  # the wheels ship it for every supported platform
 
 
-def test_sample_idx_hand_example() -> None:
-    # Documents of 3 and 5 tokens, samples of 3 (+1 extra) tokens: starts at tokens 0, 3, 6.
-    sizes = np.array([3, 5], dtype=np.int32)
-    out = port.build_sample_idx_int32(sizes, np.array([0, 1], dtype=np.int32), 3, 1, 8, True, 1)
-    assert out.tolist() == [[0, 0], [1, 0], [1, 3]] and out.dtype == np.int32
-
-
-def test_sample_idx_matches_cpp() -> None:
-    cpp = _cpp()
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        n = int(rng.integers(1, 25))
-        sizes = rng.integers(0, 40, size=n).astype(np.int32)  # includes empty documents
-        sizes[0] += 3
-        epochs = int(rng.integers(1, 4))
-        doc_idx = np.tile(np.arange(n, dtype=np.int32), epochs)
-        rng.shuffle(doc_idx)
-        seq = int(rng.integers(2, 17))
-        for drop_last in (True, False):
-            for extra in (0, 1):
-                args = (sizes, doc_idx, seq, epochs, int(sizes.sum()), drop_last, extra)
-                want = cpp.build_sample_idx_int64(*args)
-                got = port.build_sample_idx_int64(*args)
-                np.testing.assert_array_equal(got, want)
-
-
-def test_blending_indices_match_cpp() -> None:
-    cpp = _cpp()
-    rng = np.random.default_rng(1)
-    for _ in range(50):
-        k, size = int(rng.integers(1, 5)), int(rng.integers(1, 400))
-        weights = rng.random(k)
-        weights /= weights.sum()
-        outs = []
-        for impl in (cpp, port):
-            index, sample = np.zeros(size, np.int16), np.zeros(size, np.int64)
-            impl.build_blending_indices(index, sample, weights, k, size, False)
-            outs.append((index, sample))
-        for a, b in zip(*outs, strict=True):
-            np.testing.assert_array_equal(a, b)
-
-        sizes = rng.integers(1, 60, size=k).astype(np.int64)
-        outs = []
-        for impl in (cpp, port):
-            index, sample = np.zeros(sizes.sum(), np.int16), np.zeros(sizes.sum(), np.int64)
-            impl.build_exhaustive_blending_indices(index, sample, sizes, k)
-            outs.append((index, sample))
-        for a, b in zip(*outs, strict=True):
-            np.testing.assert_array_equal(a, b)
-
-
-def test_fallback_is_installed_when_the_extension_is_missing() -> None:
-    # A fresh interpreter where importing the extension fails, as on a machine without it.
+def test_a_missing_extension_names_the_fix():
+    # A real failed import in a fresh interpreter: the module is blocked in sys.modules.
     code = textwrap.dedent(
         """
-        import sys, warnings
-        warnings.simplefilter("ignore")
-        sys.modules["megatron.core.datasets.helpers_cpp"] = None  # import now raises ImportError
-        import numpy as np
-        from divprec.data.megatron_helpers import ensure_megatron_helpers
-        assert ensure_megatron_helpers() == "numpy"
-        assert ensure_megatron_helpers() == "numpy"
-        from megatron.core.datasets import helpers
-        sizes = np.array([3, 5], dtype=np.int32)
-        out = helpers.build_sample_idx(sizes, np.array([0, 1], dtype=np.int32), 3, 1, 8)
-        assert out.tolist() == [[0, 0], [1, 0], [1, 3]], out
-        print("ok")
+        import sys
+        sys.modules["megatron.core.datasets.helpers_cpp"] = None
+        from divprec.data.megatron_helpers import require_megatron_helpers
+        require_megatron_helpers()
         """
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: megatron-core's compiled dataset helpers"), last
+    assert "install megatron-core from its wheel" in last
 
 
-def test_ensure_reports_cpp_here() -> None:
-    _cpp()
-    assert port.ensure_megatron_helpers() == "cpp"
+def test_helpers_compute_the_sample_index():
+    """The extension really runs: megatron's sample index for three documents of 5, 3, 4 tokens
+    at sequence length 4 (each sample starts where the previous ended, plus one extra token)."""
+    import numpy as np
+    from megatron.core.datasets import helpers_cpp
+
+    sizes = np.array([5, 3, 4], dtype=np.int32)
+    document_idx = np.arange(3, dtype=np.int32)
+    index = helpers_cpp.build_sample_idx_int32(sizes, document_idx, 4, 1, 12, True, 1)
+    # (document, offset) of each sample boundary: tokens 0, 4, 8 of the 12 concatenated.
+    assert index.tolist() == [[0, 0], [0, 4], [2, 0]]

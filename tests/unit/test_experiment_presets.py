@@ -46,7 +46,10 @@ def test_preset_with_setting_composes_and_validates(preset: str, setting: str) -
     assert cfg.model.name == model
     beta, head, tail = LOSS_VALUES[setting]
     assert (cfg.loss.beta, cfg.loss.topk_negative_reward, cfg.loss.tail_negative_reward) == (
-        beta, head, tail)  # fmt: skip
+        beta,
+        head,
+        tail,
+    )
     assert cfg.loss.topk == 100
 
 

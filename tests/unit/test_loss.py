@@ -66,11 +66,31 @@ def test_matches_float64_policy_gradient(form, beta, topk, rewards, kernel):
         assert stats[name].dtype == torch.float32 and not stats[name].requires_grad
 
 
-def test_target_inside_and_outside_topk_are_both_exercised():
+def test_targets_inside_and_outside_k_t_are_told_apart_and_both_right():
+    # The fixture puts targets in K_t and out of it; divprec must see which (its target_rank:
+    # the target is in K_t iff fewer than k logits are larger) and get both kinds right.
     logits, target = make_case()
-    kth = torch.topk(logits, 5, dim=-1).values[:, -1]
+    cfg = ShapedLossConfig(beta=-0.25, topk=5, topk_negative_reward=0.2, tail_negative_reward=-0.1)
+    loss, grad, stats = run(logits, target, cfg)
+    kth = torch.topk(logits, cfg.topk, dim=-1).values[:, -1]
     inside = logits.gather(-1, target[:, None])[:, 0] >= kth
     assert inside.any() and (~inside).any()
+    assert torch.equal(stats["target_rank"] < cfg.topk, inside)
+    ref_loss, ref_grad, ref_stats = reference(logits, target, cfg)
+    torch.testing.assert_close(stats["target_rank"].double(), ref_stats["target_rank"])
+    for rows in (inside, ~inside):
+        torch.testing.assert_close(loss[rows].double(), ref_loss[rows], rtol=1e-5, atol=1e-6)
+        for name in STAT_NAMES:  # topk_mass counts the target's mass only when it is in K_t
+            torch.testing.assert_close(
+                stats[name][rows].double(), ref_stats[name][rows], rtol=1e-5, atol=1e-6
+            )
+        assert relative_error(grad[rows], ref_grad[rows]) < 1e-5
+        # The target's own gradient: -(1 - pi_x) w plus the negatives' pull, K_t or not.
+        x = target[rows]
+        got = grad[rows].gather(-1, x[:, None])
+        torch.testing.assert_close(
+            got.double(), ref_grad[rows].gather(-1, x[:, None]), rtol=1e-5, atol=1e-7
+        )
 
 
 def test_defaults_equal_cross_entropy():
@@ -162,9 +182,9 @@ def test_ties_at_kth_value_are_all_in_topk():
 
 
 def test_rows_span_several_chunks(monkeypatch):
-    import divprec.loss.vocab_parallel as vp
+    from divprec.loss import chunks
 
-    monkeypatch.setattr(vp, "_CHUNK_ELEMENTS", VOCAB * 5)  # 5 rows per chunk, 12 rows
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", VOCAB * 5)  # 5 rows per chunk, 12 rows
     logits, target = make_case(rows=12)
     cfg = ShapedLossConfig(beta=0.5, topk=5, topk_negative_reward=0.1, tail_negative_reward=-0.05)
     loss, grad, _ = run(logits, target, cfg)
@@ -257,9 +277,9 @@ def assert_matches_reference(loss, grad, stats, logits, target, cfg):
 @pytest.mark.parametrize("topk", [1, 5, 32])
 @pytest.mark.parametrize("rewards", [(0.0, -0.1), (0.2, -0.3), (0.1, 0.1)])
 def test_block_path_matches_float64_policy_gradient(topk, rewards):
-    import divprec.loss.vocab_parallel as vp
+    from divprec.loss import block_topk
 
-    assert vp._block_size(WIDE, topk) is not None  # the block path, not the whole-row top-k
+    assert block_topk.block_size(WIDE, topk) is not None  # the block path, not the whole-row top-k
     cfg = ShapedLossConfig(
         beta=-0.25, topk=topk, topk_negative_reward=rewards[0], tail_negative_reward=rewards[1]
     )
@@ -286,14 +306,14 @@ def assert_head_gradient_marks_k_t(logits, target, cfg):
 
 @pytest.mark.parametrize("topk", [1, 3, 20, 100])
 def test_local_top_by_blocks_is_the_exact_top_k(topk):
-    import divprec.loss.vocab_parallel as vp
+    from divprec.loss import block_topk
 
     g = torch.Generator().manual_seed(topk)
     rows = [torch.randn(8, 32768, generator=g), torch.randint(-5, 6, (8, 32768), generator=g)]
     for z in (*rows, rows[0].bfloat16(), rows[1].bfloat16()):
-        block = vp._block_size(z.shape[1], topk)
+        block = block_topk.block_size(z.shape[1], topk)
         assert block is not None
-        row_max, values, ties = vp._local_top(z, topk, block)
+        row_max, values, ties = block_topk.local_top(z, topk, block)
         expected = torch.topk(z.float(), topk, dim=-1).values
         torch.testing.assert_close(
             values.sort(dim=-1, descending=True).values, expected, rtol=0, atol=0
@@ -330,11 +350,11 @@ def test_bf16_ties_at_the_threshold_on_the_block_path():
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("sub_chunk_rows", [1, 2, 32])
 def test_chunks_in_threads_match_reference(monkeypatch, threads, sub_chunk_rows, kernel):
-    import divprec.loss.vocab_parallel as vp
+    from divprec.loss import chunks
 
-    monkeypatch.setattr(vp, "_CHUNK_ELEMENTS", WIDE * 5)  # 5 rows per chunk, 16 rows: 4 chunks
-    monkeypatch.setattr(vp, "_COMPILED_CHUNK_ELEMENTS", WIDE * 5)
-    monkeypatch.setattr(vp, "_SUB_CHUNK_ELEMENTS", WIDE * sub_chunk_rows)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", WIDE * 5)  # 5 rows per chunk, 16 rows: 4 chunks
+    monkeypatch.setattr(chunks, "COMPILED_CHUNK_ELEMENTS", WIDE * 5)
+    monkeypatch.setattr(chunks, "SUB_CHUNK_ELEMENTS", WIDE * sub_chunk_rows)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -429,10 +449,10 @@ def test_inplace_fails_loudly_when_the_logits_are_needed_elsewhere():
 @pytest.mark.parametrize("chunk_rows", [1, 3, 100])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_bf16_gradient_is_the_fp32_gradient_rounded(monkeypatch, chunk_rows, kernel):
-    import divprec.loss.vocab_parallel as vp
+    from divprec.loss import chunks
 
-    monkeypatch.setattr(vp, "_CHUNK_ELEMENTS", WIDE * chunk_rows)
-    monkeypatch.setattr(vp, "_COMPILED_CHUNK_ELEMENTS", WIDE * chunk_rows)
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", WIDE * chunk_rows)
+    monkeypatch.setattr(chunks, "COMPILED_CHUNK_ELEMENTS", WIDE * chunk_rows)
     logits, target = make_wide_case()
     logits16 = logits.bfloat16()
     cfg = ShapedLossConfig(beta=-0.25, topk=5, tail_negative_reward=-0.1, kernel=kernel)
@@ -502,3 +522,22 @@ def test_auto_kernel_compiles_large_calls_only():
 def test_kernel_must_be_known():
     with pytest.raises(ValueError, match="loss.kernel must be one of auto, compiled, eager"):
         ShapedLossConfig(kernel="triton")
+
+
+def test_step_times_records_every_step_and_changes_nothing():
+    from divprec.loss import step_times
+
+    logits, target = make_wide_case()
+    cfg = ShapedLossConfig(beta=-0.25, topk=5, tail_negative_reward=-0.1)
+    loss, grad, _ = run(logits, target, cfg)
+    with step_times.recording() as seconds:
+        loss_r, grad_r, _ = run(logits, target, cfg)
+        with pytest.raises(RuntimeError, match="already active"), step_times.recording():
+            pass
+    steps = ["0 target logit", "1 local top-k", "1 all-reduce max", "2 all-gather"]
+    steps += ["2 threshold and head", "3 pass", "3 all-reduce sum", "4 per token", "backward"]
+    assert list(seconds) == steps and all(s >= 0 for s in seconds.values())
+    assert torch.equal(loss_r, loss) and torch.equal(grad_r, grad)
+    before = dict(seconds)
+    run(logits, target, cfg)  # outside the block: nothing recorded
+    assert seconds == before

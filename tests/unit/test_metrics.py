@@ -7,8 +7,8 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
-import time
 import types
 
 import pytest
@@ -271,12 +271,10 @@ def wandb_home(tmp_path, monkeypatch):
 def test_wandb_offline_writes_under_run_dir_and_resume_reuses_id(wandb_home):
     run_dir = wandb_home / "run"
     cfg = WandbConfig(mode="offline", name="unit", tags=["test"])
-    ids, init_s = [], []
+    ids = []
     for start in (0, 2):
         logger = WandbLogger(cfg)
-        t0 = time.perf_counter()
         logger.on_train_start(_state(run_dir, step=start))
-        init_s.append(time.perf_counter() - t0)
         ids.append(logger.run.id)
         for step in (start + 1, start + 2):
             logger.on_step_end(_state(run_dir, step=step), _metrics(step))
@@ -285,8 +283,6 @@ def test_wandb_offline_writes_under_run_dir_and_resume_reuses_id(wandb_home):
     assert ids[0] == ids[1] == (run_dir / ID_FILENAME).read_text().strip()
     runs = glob.glob(str(run_dir / "wandb" / f"offline-run-*-{ids[0]}*" / f"run-{ids[0]}.wandb"))
     assert len(runs) == 2 and all(os.path.getsize(p) > 0 for p in runs)
-    print(f"wandb offline init: {', '.join(f'{s:.2f}s' for s in init_s)}")
-    assert max(init_s) < 30
 
 
 def test_wandb_disabled_and_other_ranks_do_nothing(tmp_path, monkeypatch):
@@ -361,7 +357,9 @@ def test_console_line(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == [expected]
 
 
-def test_progress_bar_resumes_and_shows_postfix(tmp_path, capsys):
+def test_progress_bar_resumes_and_shows_postfix(tmp_path, capsys, monkeypatch):
+    # The bar is drawn only on a terminal; capsys's stderr is not one, so pretend it is.
+    monkeypatch.setattr("divprec.metrics.progress._is_terminal", lambda stream: True)
     bar = ProgressBar(mininterval=0.0)
     bar.on_train_start(_state(tmp_path, step=5, total=10))
     for step in range(6, 11):
@@ -377,6 +375,40 @@ def test_progress_bar_resumes_and_shows_postfix(tmp_path, capsys):
     other.on_step_end(_state(tmp_path, step=1, rank0=False), _metrics(1))
     other.on_train_end(_state(tmp_path, rank0=False))
     assert capsys.readouterr().err == ""
+
+
+_PIPED_RUN = """
+import logging, sys
+from divprec.metrics import ConsoleLogger, ProgressBar
+from divprec.metrics.callback import TrainState
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+callbacks = [ConsoleLogger(), ProgressBar(mininterval=0.0)]
+state = TrainState(step=0, total_steps=4, consumed_samples=0, run_dir=sys.argv[1],
+                   is_logging_rank=True, config={})
+for c in callbacks:
+    c.on_train_start(state)
+for step in range(1, 5):
+    state.step = step
+    for c in callbacks:
+        c.on_step_end(state, {"lm_loss": 5.0 - step, "loss": 5.0 - step})
+for c in callbacks:
+    c.on_train_end(state)
+"""
+
+
+def test_progress_bar_writes_plain_lines_into_a_pipe(tmp_path):
+    """A SLURM .out file or a pipe gets the step lines and no carriage-return frames."""
+    proc = subprocess.run(  # capture_output: stdout and stderr are pipes
+        [sys.executable, "-c", _PIPED_RUN, str(tmp_path)],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        timeout=120,
+        check=True,
+    )
+    assert b"\r" not in proc.stderr, proc.stderr
+    lines = proc.stderr.decode().splitlines()
+    assert lines == [f"step {s}/4 | lm_loss {5 - s:.3f} | loss {5 - s:.3f}" for s in range(1, 5)]
 
 
 def test_build_callbacks():

@@ -73,8 +73,11 @@ def test_pretrain_command_is_the_same_for_every_setting_but_the_loss(tmp_path: P
 
 def test_heldout_sources_split_the_blend() -> None:
     sources = heldout_sources(["0.5", "/d/stdlib", "0.5", "/d/arith"])
-    assert sources == {"mixture": ["0.5", "/d/stdlib", "0.5", "/d/arith"],
-                       "code": ["/d/stdlib"], "arith": ["/d/arith"]}  # fmt: skip
+    assert sources == {
+        "mixture": ["0.5", "/d/stdlib", "0.5", "/d/arith"],
+        "code": ["/d/stdlib"],
+        "arith": ["/d/arith"],
+    }
 
 
 def test_pass_at_k_of_reads_rl_records() -> None:
@@ -87,8 +90,10 @@ def test_pass_at_k_of_reads_rl_records() -> None:
 
 def test_read_metrics_keeps_the_last_record_of_a_step(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1, "entropy": 3}\n{"step": 2, "entropy": 2}\n'
-                    '{"step": 2, "entropy": 1}\n{"step": 3, "ent')  # fmt: skip
+    path.write_text(
+        '{"step": 1, "entropy": 3}\n{"step": 2, "entropy": 2}\n'
+        '{"step": 2, "entropy": 1}\n{"step": 3, "ent'
+    )
     assert read_metrics(path) == [{"step": 1, "entropy": 3}, {"step": 2, "entropy": 1}]
 
 
@@ -103,21 +108,45 @@ def _fake_study(root: Path) -> Study:
         (run / "config.yaml").write_text(f"loss:\n  beta: {entropy}\n  topk: 100\n")
         with open(run / "metrics.jsonl", "w") as f:
             for step in range(1, 21):
-                f.write(json.dumps({"step": step, "lm_loss": 5 - step / 10, "loss": 5.0,
-                                    "entropy": entropy + 1 / step, "topk_mass": 1 - tail,
-                                    "target_rank": 3.0, "grad_norm": 1.0,
-                                    "tokens_per_s": 100.0}) + "\n")  # fmt: skip
+                f.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "lm_loss": 5 - step / 10,
+                            "loss": 5.0,
+                            "entropy": entropy + 1 / step,
+                            "topk_mass": 1 - tail,
+                            "target_rank": 3.0,
+                            "grad_norm": 1.0,
+                            "tokens_per_s": 100.0,
+                        }
+                    )
+                    + "\n"
+                )
         study.pretrain_marker(s).write_text(json.dumps({"seconds": 10.0, "steps": 20}))
         stats = {"entropy": entropy, "tail_mass": tail, "perplexity": ppl}
         study.eval_path(s).parent.mkdir(exist_ok=True)
-        study.eval_path(s).write_text(json.dumps({
-            "heldout": {"mixture": stats, "code": stats},
-            "pass_at_k": {str(k + 1): v for k, v in enumerate(passk)},
-            "seconds": 5.0,
-        }))  # fmt: skip
+        study.eval_path(s).write_text(
+            json.dumps(
+                {
+                    "heldout": {"mixture": stats, "code": stats},
+                    "pass_at_k": {str(k + 1): v for k, v in enumerate(passk)},
+                    "seconds": 5.0,
+                }
+            )
+        )
         history = [{"step": 0, "pass@1": passk[0], "pass@4": passk[3], "eval_entropy": 1.0}]
-        history += [{"step": i, "reward_mean": i / 10, "accuracy": i / 10, "entropy": 1 - i / 20,
-                     "response_length": 30 - i, "loss": 0.1} for i in range(1, 6)]  # fmt: skip
+        history += [
+            {
+                "step": i,
+                "reward_mean": i / 10,
+                "accuracy": i / 10,
+                "entropy": 1 - i / 20,
+                "response_length": 30 - i,
+                "loss": 0.1,
+            }
+            for i in range(1, 6)
+        ]
         history[-1].update({"pass@1": rl_end / 2, "pass@4": rl_end, "eval_entropy": 0.5})
         study.rl_path(s).parent.mkdir(exist_ok=True)
         study.rl_path(s).write_text(json.dumps({"history": history, "seconds": 7.0}))
@@ -155,7 +184,9 @@ def test_claims_are_measured_not_assumed(tmp_path: Path) -> None:
     assert spread["relative_spread"] == pytest.approx(0.02) and spread["holds"] is True
     assert claims["rl_precision_prior_helps"]["holds"] is True
     assert claims["pretrain_pass_at_k"]["pass_at_4"]["diversity"] == 0.42
-    flipped = {s: {"eval": {"heldout": {"x": {"entropy": -e, "tail_mass": 0.1, "perplexity": p}}}}
-               for s, (e, _, p, _, _) in FAKE.items()}  # fmt: skip
+    flipped = {
+        s: {"eval": {"heldout": {"x": {"entropy": -e, "tail_mass": 0.1, "perplexity": p}}}}
+        for s, (e, _, p, _, _) in FAKE.items()
+    }
     assert check_claims(flipped)["entropy_diversity_gt_ce_gt_precision/x"]["holds"] is False
     assert not math.isnan(claims["perplexity_about_equal/mixture"]["relative_spread"])

@@ -1,6 +1,6 @@
 /*
  * The shaped loss's step 1 on CPU: per row, the max and the k largest logits (any order), exactly,
- * by blocks. The algorithm of divprec.loss.vocab_parallel._local_top:
+ * by blocks. The algorithm of divprec.loss.block_topk.local_top (torch ops):
  *
  *   1. the maxima of blocks of logits (one read of the row) give the row max;
  *   2. t = the k-th largest block maximum. At least k logits are >= t (one per top block), so the
@@ -34,10 +34,13 @@ static inline float bf16_to_f32(uint16_t v) {
     return f;
 }
 
-/* Order-preserving map of floats to unsigned keys (larger float, larger key; -0.0 < +0.0). */
+/* Order-preserving map of floats to unsigned keys: larger float, larger key, and equal floats
+ * equal keys. -0.0 is mapped as +0.0: the loss decides K_t by z >= tau (IEEE, where -0.0 equals
+ * +0.0), so the ties counted here must count both zeros alike. */
 static inline uint32_t key_of(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
+    u = (u == 0x80000000u) ? 0u : u; /* -0.0 -> +0.0 */
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 

@@ -1,0 +1,64 @@
+"""megatron-core's forward_step / loss_func contract, for the shaped objective.
+
+The schedule calls ``forward_step(data_iterator, model)`` once per microbatch; on the last
+pipeline stage the model returns the per-token loss and stats, and the schedule calls the returned
+``loss_func(output)`` to get the scalar it back-propagates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import torch
+
+from divprec.metrics.reduce import TokenStatSums, masked_sums
+from divprec.model.shaped_gpt import OUTPUT_CHANNELS
+
+# Names of the per-token channels in metrics: nll is reported as lm_loss (the perplexity loss).
+METRIC_NAMES = {
+    "loss": "loss",
+    "nll": "lm_loss",
+    "entropy": "entropy",
+    "topk_mass": "topk_mass",
+    "target_prob": "target_prob",
+    "target_rank": "target_rank",
+}
+
+
+def loss_func(
+    loss_mask: torch.Tensor, stat_sums: TokenStatSums, output: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean shaped loss over this microbatch's unmasked tokens; the stats go to ``stat_sums``.
+
+    ``output``: ``[b, s, 6]`` from ShapedGPTModel (loss, then detached stats). The schedule divides
+    the returned loss by the number of microbatches.
+    """
+    mask = loss_mask.to(output.device, torch.float32)  # [b, s]
+    channels = dict(zip(OUTPUT_CHANNELS, output.float().unbind(-1), strict=True))  # each [b, s]
+    loss = (channels["loss"] * mask).sum() / mask.sum().clamp(min=1.0)
+    stat_sums.add(masked_sums({METRIC_NAMES[k]: v for k, v in channels.items()}, mask))
+    # The schedule divides the returned loss in place: report a copy.
+    return loss, {"loss": loss.detach().clone()}
+
+
+def make_forward_step(
+    stat_sums: TokenStatSums, device: torch.device
+) -> Callable[[Iterator[dict[str, torch.Tensor]], torch.nn.Module], tuple]:
+    """forward_step(data_iterator, model) for megatron-core's forward_backward functions."""
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(device, non_blocking=True)  # [b, s]
+        labels = batch["labels"].to(device, non_blocking=True)  # [b, s]
+        position_ids = batch["position_ids"].to(device, non_blocking=True)  # [b, s]
+        output = model(tokens, position_ids, None, labels=labels)  # last stage: [b, s, 6]
+        return output, partial(loss_func, batch["loss_mask"], stat_sums)
+
+    return forward_step
+
+
+def empty_stat_sums(device: torch.device) -> dict[str, torch.Tensor]:
+    """Zero sums with every key: what a rank without the loss (not the last stage) contributes."""
+    ones = torch.ones(1, 1, device=device)
+    return masked_sums({name: ones for name in METRIC_NAMES.values()}, torch.zeros_like(ones))
