@@ -278,7 +278,15 @@ def load_checkpoint(path: Path, model: torch.nn.Module, engine, layout: dict) ->
     same_layout = (
         metadata.get("layout") == layout and metadata.get("world_size") == dist.get_world_size()
     )
-    if same_layout:
+    if "imported_from" in metadata:  # written by tools/convert.py from-hf
+        logger.info(
+            "checkpoint %s is an import of %s: training starts at step %d with a fresh "
+            "optimizer state",
+            path,
+            metadata["imported_from"],
+            metadata["step"],
+        )
+    elif same_layout:
         _set_rng_state(torch.load(path / _rng_file(dist.get_rank()), weights_only=False))
     else:
         logger.info(
