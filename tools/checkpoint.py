@@ -18,7 +18,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from divprec.checkpoint.export import CheckpointUnusable, export_model, inspect_checkpoint
+from divprec.interop.locate import CheckpointUnusable, inspect_checkpoint
+from divprec.interop.safetensors_export import export_model
 
 EXIT_UNUSABLE = 2
 

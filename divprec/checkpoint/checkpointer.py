@@ -9,6 +9,7 @@ all ranks in the same order.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
+from torch.distributed.checkpoint.api import CheckpointException
 
 from divprec.checkpoint.layout import (
     LATEST,
@@ -171,15 +173,27 @@ class CheckpointSaveError(CheckpointError):
     removed and ``latest`` still names the previous complete checkpoint."""
 
 
-def _os_error(err: BaseException | None) -> OSError | None:
-    """The OSError behind ``err`` (megatron-core wraps its writers' errors), if any."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
+def _errno_of(err: BaseException, directory: Path) -> int:
+    """The errno behind a failed write: an OSError in ``err``'s chain or in megatron-core's
+    per-rank failures; else ENOSPC when the filesystem is full (torch's stream writer reports a
+    full disk as "unexpected pos", without the errno); else 0."""
+    pending, seen = [err], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno:
+            return current.errno
+        if isinstance(current, CheckpointException):
+            for wrapped in current.failures.values():  # (exception, traceback) per rank
+                pending.append(wrapped[0] if isinstance(wrapped, tuple) else wrapped)
+        pending += [current.__cause__, current.__context__]
+    with contextlib.suppress(OSError):
+        fs = os.statvfs(directory)
+        if fs.f_bavail * fs.f_frsize < 1 << 20:
+            return errno.ENOSPC
+    return 0
 
 
 @contextlib.contextmanager
@@ -193,29 +207,24 @@ def _phase(tmp: Path, what: str) -> Iterator[None]:
     failure: BaseException | None = None
     try:
         yield
-    except Exception as err:  # an OSError, or megatron-core's wrapping of one
+    # An OSError, or megatron-core's report of one (torch's CheckpointException, a BaseException).
+    except (Exception, CheckpointException) as err:
         failure = err
-    os_error = _os_error(failure)
-    code = os_error.errno if os_error is not None and os_error.errno else 0
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    code = _errno_of(failure, tmp.parent) if failure is not None else 0
     device = (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     )
-    flags = torch.tensor([rank + 1 if failure else 0, code], dtype=torch.int64, device=device)
+    # [world - the lowest failing rank, the largest errno]: every rank learns both.
+    flags = torch.tensor([world - rank if failure else 0, code], dtype=torch.int64, device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    failed_rank, errno_code = int(flags[0]) - 1, int(flags[1])
-    if failed_rank < 0:
+    if not flags[0]:
         return
+    failed_rank, code = world - int(flags[0]), int(flags[1])
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     latest = resolve_latest(tmp.parent)
-    cause = (
-        f"[Errno {errno_code}] {os.strerror(errno_code)}"
-        if errno_code
-        else f"see rank {failed_rank}'s log"
-    )
-    if failure is not None:
-        cause = f"{cause} ({os_error or failure})".replace("\n", " ")
+    cause = f"[Errno {code}] {os.strerror(code)}" if code else f"see rank {failed_rank}'s log"
     raise CheckpointSaveError(
         f"saving checkpoint {tmp} failed on rank {failed_rank} ({what}): {cause}; the partial "
         f"directory was removed and {LATEST} still names {latest.name if latest else 'nothing'}"
@@ -269,7 +278,15 @@ def load_checkpoint(path: Path, model: torch.nn.Module, engine, layout: dict) ->
     same_layout = (
         metadata.get("layout") == layout and metadata.get("world_size") == dist.get_world_size()
     )
-    if same_layout:
+    if "imported_from" in metadata:  # written by tools/convert.py from-hf
+        logger.info(
+            "checkpoint %s is an import of %s: training starts at step %d with a fresh "
+            "optimizer state",
+            path,
+            metadata["imported_from"],
+            metadata["step"],
+        )
+    elif same_layout:
         _set_rng_state(torch.load(path / _rng_file(dist.get_rank()), weights_only=False))
     else:
         logger.info(

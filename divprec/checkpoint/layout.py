@@ -30,10 +30,16 @@ CONFIG_FILE = "config.yaml"  # the resolved config, in the run directory and in 
 TOKENIZER_FILE = "tokenizer.model"  # the sentencepiece model the run trained with
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
+_STEP_OR_TEMP_DIR = re.compile(r"^step_\d{7}(\.tmp)?$")
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def is_step_dir_name(name: str) -> bool:
+    """Whether ``name`` is a step directory's name, complete or being written (``.tmp``)."""
+    return _STEP_OR_TEMP_DIR.match(name) is not None
 
 
 def temp_dir(root: Path, step: int) -> Path:

@@ -203,6 +203,18 @@ def validate_fault_handling(cfg: PretrainConfig) -> None:
         f"train.max_skipped_steps must be >= 1 (non-finite steps in a row before stopping), got "
         f"{t.max_skipped_steps}",
     )
+    _require(
+        t.loss_spike_window == 0 or t.loss_spike_window >= 2,
+        f"train.loss_spike_window must be 0 (off) or >= 2 steps, got {t.loss_spike_window}",
+    )
+    _require(
+        t.loss_spike_zscore > 0,
+        f"train.loss_spike_zscore must be > 0, got {t.loss_spike_zscore}",
+    )
+    _require(
+        not t.skip_loss_spikes or t.loss_spike_window > 0,
+        "train.skip_loss_spikes=true needs train.loss_spike_window > 0 (e.g. 100)",
+    )
     catchable = set(signal.Signals.__members__) - {"SIGKILL", "SIGSTOP"}
     _require(
         "SIG" + t.preemption_signal.upper().removeprefix("SIG") in catchable,

@@ -1,4 +1,4 @@
-"""Configuration of the reward-shaped next-token objective (docs: ../shared/design/loss.md)."""
+"""Configuration of the reward-shaped next-token objective (the math: docs/loss.md)."""
 
 from __future__ import annotations
 

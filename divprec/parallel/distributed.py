@@ -115,6 +115,8 @@ def init_distributed(cfg: ParallelConfig, seed: int) -> ParallelContext:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=cfg.tensor,
             pipeline_model_parallel_size=cfg.pipeline,
+            # megatron's groups (TP, PP, DP, ...) take their own timeout, not the world's
+            distributed_timeout_minutes=cfg.timeout_minutes,
         )
     # Dropout in tensor-parallel regions draws from per-TP-rank streams; the rest from a
     # data-parallel-shared stream. Same seed -> same streams whatever the layout.

@@ -28,6 +28,7 @@ from divprec.model.flops import flops_per_token
 from divprec.model.shaped_gpt import ShapedGPTModel
 from divprec.parallel.deepspeed_engine import GradientSync, build_engine
 from divprec.parallel.distributed import ParallelContext, init_distributed
+from divprec.train.guards import LossSpikes
 
 
 def resolve_precision(precision: str) -> torch.dtype:
@@ -51,6 +52,7 @@ class Run:
     flops_per_token: float
     dtype: torch.dtype
     forward_backward: Callable[..., Any]  # megatron-core's schedule for this layout
+    spikes: LossSpikes | None = None  # with train.loss_spike_window > 0
 
 
 def _agree_on_run_dir(cfg: PretrainConfig) -> None:
@@ -133,4 +135,7 @@ def build_run(cfg: PretrainConfig) -> Run:
         flops_per_token=flops_per_token(cfg.model, train.seq_length, vocab_size),
         dtype=dtype,
         forward_backward=get_forward_backward_func(),
+        spikes=LossSpikes(train.loss_spike_window, train.loss_spike_zscore, train.skip_loss_spikes)
+        if train.loss_spike_window > 0
+        else None,
     )

@@ -20,5 +20,8 @@ class TrainConfig:
     seq_length: int = 256
     seed: int = 1234
     precision: str = "auto"  # "auto" | "bf16" | "fp32"
-    max_skipped_steps: int = 5  # consecutive non-finite steps (updates skipped) before stopping
+    max_skipped_steps: int = 5  # consecutive skipped updates (non-finite, spikes) before stopping
+    loss_spike_window: int = 0  # applied steps the loss/grad-norm z-scores look back on; 0: off
+    loss_spike_zscore: float = 6.0  # warn (and with skip_loss_spikes, skip) above this z-score
+    skip_loss_spikes: bool = False
     preemption_signal: str = "USR1"  # with SIGTERM: save and exit 75 (launch/pretrain.slurm agrees)

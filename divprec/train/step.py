@@ -10,7 +10,8 @@ The path of one step through the code:
   4. the stats' token means over the whole world (one all-reduce; every rank gets the same);
   5. MoE with expert bias: the routers' bias moves towards balanced load (divprec.train.moe);
   6. the update: DeepSpeed clips and applies AdamW to its ZeRO partitions, or skips it when the
-     gradient norm is not finite. A non-finite loss skips it too (every rank agrees: step 4).
+     gradient norm is not finite. A non-finite loss skips it too, and so does a loss spike when
+     ``train.skip_loss_spikes`` (every rank agrees: they share the means of step 4).
 """
 
 from __future__ import annotations
@@ -32,14 +33,15 @@ from divprec.train.schedule import learning_rate
 @dataclass
 class StepResult:
     """What one step did. ``means`` are token means over the world (loss, lm_loss, entropy, ...);
-    ``skipped`` names what was not finite when the update was not applied, else None."""
+    ``skipped`` says why the update was not applied (e.g. "loss not finite"), else None;
+    ``extra``: MoE balance and loss-spike z-scores, when those are on."""
 
     step: int  # optimizer steps done, this one included
     lr: float
     means: dict[str, float]
     grad_norm: float
     skipped: str | None = None
-    moe: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], step: int) -> StepResult:
@@ -69,19 +71,22 @@ def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], step: int) 
     moe = {}
     if cfg.model.is_moe and cfg.model.moe_router_expert_bias:  # 5
         moe = update_router_expert_bias(engine.module, cfg.model.moe_router_bias_update_rate)
-    loss_finite = math.isfinite(means["loss"]) and math.isfinite(means["lm_loss"])
-    if loss_finite:  # 6
+    # 6: a non-finite loss, or a loss spike when so configured, skips the update here; DeepSpeed
+    # skips one whose gradient norm is not finite.
+    skipped = None
+    if not (math.isfinite(means["loss"]) and math.isfinite(means["lm_loss"])):
+        skipped = "loss not finite"
+    elif run.spikes is not None:
+        skipped = run.spikes.skip_reason(means["loss"])
+    if skipped is None:
         engine.step()
+        if not engine.was_step_applied():
+            skipped = "grad_norm not finite"
     else:
         discard_gradients(engine)
-    grad_norm = _grad_norm(engine) if loss_finite else float("nan")
-    skipped = None
-    if not loss_finite or not engine.was_step_applied():
-        bad = [] if loss_finite else ["loss"]
-        if not math.isfinite(grad_norm) and loss_finite:
-            bad.append("grad_norm")
-        skipped = " and ".join(bad) or "grad_norm"
-    return StepResult(step + 1, lr, means, grad_norm, skipped, moe)
+    grad_norm = _grad_norm(engine) if skipped is None or skipped.startswith("grad") else math.nan
+    spikes = run.spikes.record(means["loss"], grad_norm, skipped) if run.spikes else {}
+    return StepResult(step + 1, lr, means, grad_norm, skipped, {**moe, **spikes})
 
 
 def _grad_norm(engine) -> float:

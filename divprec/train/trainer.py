@@ -121,5 +121,5 @@ def _step_metrics(result: StepResult, state: TrainState) -> dict[str, float]:
         "grad_norm": result.grad_norm,
         "lr": result.lr,
         "consumed_samples": state.consumed_samples,
-        **result.moe,  # this stage's layers (rank 0: the first stage)
+        **result.extra,  # MoE: this stage's layers (rank 0: the first stage)
     }

@@ -52,11 +52,9 @@ def _check_exports(rank: int, world: int, single: str, tp2: str, out: str) -> di
     from megatron.core import dist_checkpointing
     from safetensors.torch import load_file
 
-    from divprec.checkpoint.export import (
-        build_full_model,
-        export_model,
-        load_run_config,
-    )
+    from divprec.interop.full_model import build_full_model
+    from divprec.interop.locate import load_run_config
+    from divprec.interop.safetensors_export import export_model
     from divprec.parallel.distributed import single_process_world
 
     out_dir = Path(out)

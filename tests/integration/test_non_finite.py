@@ -39,11 +39,11 @@ class _Record:
         self.steps.append((state.step, state.skipped, metrics["lm_loss"]))
 
 
-def _diverge(rank: int, world: int, run_dir: str) -> dict:
+def _diverge(rank: int, world: int, run_dir: str, overrides: list[str] = DIVERGING) -> dict:
     from divprec.train.guards import Diverged
     from divprec.train.trainer import pretrain
 
-    cfg = compose_config([*DIVERGING, f"run.dir={run_dir}", "checkpoint.interval=1"])
+    cfg = compose_config([*overrides, f"run.dir={run_dir}", "checkpoint.interval=1"])
     validate(cfg, world)
     record = _Record()
     try:
@@ -62,7 +62,10 @@ def test_non_finite_updates_are_skipped_on_every_rank_then_the_run_stops(tmp_pat
     assert skipped == [2, 3, 4], steps  # then 3 in a row: the limit
     for result in results:
         assert result["code"] == 3
-        assert "3 consecutive steps up to step 4 had a non-finite grad_norm" in result["message"]
+        assert (
+            "3 consecutive updates up to step 4 were skipped (the last: grad_norm not finite)"
+            in result["message"]
+        ), result["message"]
     # The run stopped before saving step 4; the checkpoints of the skipped steps 2 and 3 hold
     # exactly the weights and Adam moments of step 1 (the last applied update), all finite.
     root = tmp_path / "checkpoints"
@@ -106,7 +109,7 @@ def test_the_command_line_reports_divergence_in_one_line(tmp_path):
     assert (
         proc.stderr.strip()
         .splitlines()[-1]
-        .startswith("divprec: error: training diverged: 3 consecutive steps up to step 4")
+        .startswith("divprec: error: training diverged: 3 consecutive updates up to step 4")
     ), proc.stderr[-3000:]
     assert "step 2: grad_norm not finite; update skipped (1 in a row" in out, out[-3000:]
     assert "Traceback" not in out
@@ -145,3 +148,25 @@ def test_a_checkpoint_is_never_written_with_non_finite_state(tmp_path, where):
     assert "on rank 1" in messages[1]
     assert resolve_latest(tmp_path / "checkpoints").name == "step_0000001"
     assert not (tmp_path / "checkpoints" / "step_0000002").exists()
+
+
+def test_loss_spikes_are_skipped_on_every_rank(tmp_path):
+    """With a window of 2 and a low threshold, every rise of the loss counts as a spike."""
+    spiky = tiny_run(
+        "train.steps=10",
+        "checkpoint.keep_last=null",
+        "train.loss_spike_window=2",
+        "train.loss_spike_zscore=0.5",
+        "train.skip_loss_spikes=true",
+        "train.max_skipped_steps=10",
+    )
+    results = run_in_processes(_diverge, 2, str(tmp_path), spiky)
+    assert results[0]["steps"] == results[1]["steps"] and results[0]["code"] == 0
+    skipped = [s for s, why, _ in results[0]["steps"] if why]
+    assert skipped, results[0]["steps"]
+    assert all(why.startswith("loss spike (z-score") for _, why, _ in results[0]["steps"] if why)
+    root = tmp_path / "checkpoints"
+    for step in skipped:  # the update was not applied: the same weights and moments as before
+        before = _checkpoint_tensors(root / f"step_{step - 1:07d}", tmp_path)
+        after = _checkpoint_tensors(root / f"step_{step:07d}", tmp_path)
+        assert all(torch.equal(before[k], after[k]) for k in before), step

@@ -68,7 +68,11 @@ def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
 
 
 def _kill_launcher(proc: subprocess.Popen) -> None:
-    """After a failed assertion: end the whole tree and show its output."""
+    """After a failed assertion: end the whole tree (torchrun starts its workers in sessions of
+    their own) and show its output."""
+    tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+    for child in tree:
+        child.kill()
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     print(proc.communicate()[0][-4000:])
@@ -110,3 +114,4 @@ def test_stopped_worker_fails_the_job_within_the_collective_timeout(tmp_path):
     assert "Timed out" in out or "timed out" in out, out[-4000:]
     assert any(op in out for op in ("recv", "send", "allreduce", "all_reduce", "barrier")), out
     assert elapsed < timeout_s + 90, elapsed
+    print(f"stopped rank to failed job: {elapsed:.1f} s")

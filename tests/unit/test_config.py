@@ -265,6 +265,18 @@ ERRORS = {
         VOCAB,
         r"^train\.preemption_signal='USR7' is not a signal that can be caught",
     ),
+    "loss_spike_window": (
+        ["train.loss_spike_window=1"],
+        1,
+        VOCAB,
+        r"^train\.loss_spike_window must be 0 \(off\) or >= 2 steps, got 1",
+    ),
+    "skip_spikes_without_window": (
+        ["train.skip_loss_spikes=true"],
+        1,
+        VOCAB,
+        r"^train\.skip_loss_spikes=true needs train\.loss_spike_window > 0",
+    ),
     "collective_timeout": (
         ["parallel.timeout_minutes=0"],
         1,

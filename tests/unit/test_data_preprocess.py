@@ -105,8 +105,8 @@ def _tool(name: str):
 def test_cli_tools(inputs, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     files, _, _ = inputs
     train = _tool("train_tokenizer")
-    assert train.main(["--input", *map(str, files), "--model-prefix", str(tmp_path / "t"),
-                       "--vocab-size", "400"]) == 0  # fmt: skip
+    args = ["--input", *map(str, files), "--model-prefix", str(tmp_path / "t")]
+    assert train.main([*args, "--vocab-size", "400"]) == 0
     pre = _tool("preprocess_data")
     args = ["--tokenizer-model", str(tmp_path / "t.model"), "--output-prefix", str(tmp_path / "d")]
     assert pre.main(["--input", *map(str, files), "--workers", "1", "--no-progress", *args]) == 0

@@ -7,12 +7,15 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "divprec"
 
-# Lowest first. A module may import its own package and any package of a lower layer.
+# Lowest first. A module may import its own package and any package of a lower layer. Each
+# package's config dataclass lives in it (``divprec.<package>.config``); the config package
+# (schema, compose, validation) collects and checks them all, data files included, so it sits
+# above them, and everything that composes or validates a run sits above it.
 LAYERS = [
-    ["config"],
     ["parallel"],
     ["loss", "data", "metrics"],
     ["model"],
+    ["config"],
     ["checkpoint"],
     ["train"],
     ["eval"],
@@ -72,5 +75,6 @@ def test_the_check_catches_an_upward_import():
     assert not _allowed("divprec.parallel.deepspeed_engine", "divprec.train.config")
     assert not _allowed("divprec.model.builder", "divprec.checkpoint.layout")
     assert not _allowed("divprec.loss.config", "divprec.data.config")
+    assert not _allowed("divprec.data.dataset", "divprec.config.schema")
     assert _allowed("divprec.train.step", "divprec.parallel.deepspeed_engine")
     assert _allowed("divprec.config.schema", "divprec.train.config")

@@ -418,3 +418,20 @@ def test_build_callbacks():
     assert [type(c) for c in build_callbacks(quiet)] == [ConsoleLogger]
     with pytest.raises(ValueError, match="logging.interval"):
         build_callbacks(LoggingConfig(interval=0))
+
+
+def test_loss_spike_zscores_match_a_hand_computation():
+    from divprec.train.guards import LossSpikes
+
+    spikes = LossSpikes(window=4, threshold=6.0, skip=True)
+    for loss, norm in [(1.0, 2.0), (1.1, 2.2), (0.9, 1.8), (1.0, 2.0)]:
+        assert spikes.skip_reason(loss) is None  # the window is not full yet
+        assert spikes.record(loss, norm, None) == {}
+    # mean 1.0, sample std sqrt(0.02 / 3): loss 1.05 is 0.61 sigma, loss 5.0 is 49 sigma.
+    assert spikes.skip_reason(1.05) is None
+    reason = spikes.skip_reason(5.0)
+    assert reason == "loss spike (z-score 49.0 > train.loss_spike_zscore=6)"
+    scores = spikes.record(5.0, 2.0, reason)
+    assert abs(scores["loss_zscore"] - 4.0 / (0.02 / 3) ** 0.5) < 1e-9
+    assert abs(scores["grad_norm_zscore"] - 0.0) < 1e-12
+    assert list(spikes.losses) == [1.0, 1.1, 0.9, 1.0]  # a skipped step stays out of the window
