@@ -14,6 +14,9 @@ if ! nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
   export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 fi
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1} # megatron-core TP overlap
+# A fresh rendezvous store for every restart: with torchrun's shared one, a restarted group reads
+# the previous group's addresses and hangs.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 if [[ $NPROC == 1 ]]; then
   exec "$PYTHON" -m divprec.pretrain "$@"

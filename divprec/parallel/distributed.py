@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import torch.distributed as dist
 
 from divprec.parallel.config import ParallelConfig
 from divprec.parallel.cpu import enable_cpu_execution
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,38 +62,24 @@ def launcher_world_size() -> int:
 
 
 def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
-    """The launcher's world, or a world of one when no launcher set one.
-
-    Under torchrun every restart of the worker group gets its own key space in the rendezvous
-    store: torchrun keeps one store across restarts (its agent's, shared by default), and a
-    restarted group would otherwise read the previous group's addresses from it and hang or fail
-    connecting ("Connection refused").
-    """
+    """The launcher's world (env:// rendezvous), or a world of one when no launcher set one."""
     if "MASTER_ADDR" not in os.environ:
         dist.init_process_group(
             backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
         )
         return
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None:
-        dist.init_process_group(backend=backend, timeout=timeout)  # env:// rendezvous
-        return
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        world_size,
-        is_master=rank == 0 and not agent_hosts_store,
-        timeout=timeout,
-    )
-    dist.init_process_group(
-        backend=backend,
-        store=dist.PrefixStore(f"divprec/attempt_{attempt}", store),
-        rank=rank,
-        world_size=world_size,
-        timeout=timeout,
-    )
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    ):
+        # torchrun then keeps one store across restarts, and a restarted group reads the previous
+        # group's addresses from it: it hangs or fails connecting ("Connection refused").
+        logger.warning(
+            "torchrun shares its rendezvous store across restarts: a restarted worker group may "
+            "hang; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (launch/local.sh and "
+            "launch/pretrain.slurm do)"
+        )
+    dist.init_process_group(backend=backend, timeout=timeout)
 
 
 def init_distributed(cfg: ParallelConfig, seed: int) -> ParallelContext:

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from slurm_cluster import REPO, SlurmCluster, free_ports, slurm_cluster  # noqa: F401 (fixture)
 from toy_model import tiny_run
@@ -280,3 +281,30 @@ def test_submit_without_a_logs_folder_writes_the_job_log(slurm_cluster, tmp_path
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), (info, log[-6000:])
     assert "step 2/2" in log, log[-6000:]
     assert [m["step"] for m in _read_metrics(run_dir)] == [1, 2]
+
+
+def test_killed_worker_restarts_inside_the_allocation(slurm_cluster, tmp_path):  # noqa: F811
+    """kill -9 of one training process of a 2-node job: torchrun restarts the worker groups on
+    both nodes (DIVPREC_MAX_RESTARTS), they resume from the latest checkpoint, and the job
+    completes without a requeue, with every step in metrics.jsonl once."""
+    steps = 16
+    overrides = [*TINY, f"train.steps={steps}", "parallel.tensor=2", "checkpoint.interval=3"]
+    run_dir, logs = tmp_path / "slurm_run", tmp_path / "logs"
+    logs.mkdir()
+    job = _submit(slurm_cluster, overrides, run_dir, logs)
+    _wait_for_steps(slurm_cluster, job, run_dir, logs, 5)
+    workers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if f"run.dir={run_dir}" in " ".join(p.info["cmdline"] or [])
+        and "divprec.pretrain" in " ".join(p.info["cmdline"] or [])
+        and "torch.distributed.run" not in " ".join(p.info["cmdline"] or [])
+    ]
+    assert len(workers) == 2, workers
+    workers[-1].kill()
+    info = slurm_cluster.wait_finished(job, timeout=400)
+    log = _job_log(logs, job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-8000:]
+    assert info["Restarts"] == "0", info  # torchrun restarted the workers, not SLURM the job
+    assert "resuming from checkpoint" in log, log[-8000:]
+    assert [m["step"] for m in _read_metrics(run_dir)] == list(range(1, steps + 1))
