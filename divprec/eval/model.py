@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from omegaconf import OmegaConf
 
@@ -28,7 +27,7 @@ from divprec.checkpoint.layout import (
 )
 from divprec.config.schema import PretrainConfig
 from divprec.data.tokenizer import Tokenizer
-from divprec.parallel.config import ParallelConfig
+from divprec.parallel.distributed import ensure_world
 
 logger = logging.getLogger(__name__)
 
@@ -74,19 +73,6 @@ class EvalModel:
         return logits[..., : self.vocab_size].float()
 
 
-def model_parallel_ready() -> bool:
-    return dist.is_initialized() and parallel_state.model_parallel_is_initialized()
-
-
-def ensure_model_parallel(seed: int) -> None:
-    """A world of one (gloo on CPU) with tensor = pipeline = 1, unless megatron is set up."""
-    if model_parallel_ready():
-        return
-    from divprec.parallel.distributed import init_distributed
-
-    init_distributed(ParallelConfig(tensor=1, pipeline=1), seed)
-
-
 def build_eval_model(
     config: PretrainConfig,
     tokenizer: Tokenizer,
@@ -102,7 +88,7 @@ def build_eval_model(
     """
     from divprec.model.builder import build_stage
 
-    ensure_model_parallel(config.train.seed)
+    ensure_world(config.train.seed)
     if parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise ValueError("evaluation runs the whole model on each rank: pipeline size must be 1")
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -201,7 +187,7 @@ def load_eval_model(
     step_dir = resolve_checkpoint(checkpoint)
     config = load_config(step_dir)
     tokenizer = Tokenizer.from_file(step_dir / TOKENIZER_FILE)
-    ensure_model_parallel(config.train.seed)
+    ensure_world(config.train.seed)
     em = build_eval_model(
         config,
         tokenizer,

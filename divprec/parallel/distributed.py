@@ -136,6 +136,17 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def ensure_world(seed: int = 0) -> None:
+    """torch.distributed and megatron-core's groups, at tensor = pipeline = 1 in a world of one
+    unless a caller (or a launcher) already made them; kept until shutdown_distributed(). For
+    code whose results outlive the call (an evaluation model); otherwise use
+    :func:`single_process_world`, which undoes what it made."""
+    from megatron.core import parallel_state
+
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        init_distributed(ParallelConfig(tensor=1, pipeline=1), seed)
+
+
 @contextlib.contextmanager
 def single_process_world(seed: int = 0, *, model_parallel: bool = True) -> Iterator[None]:
     """torch.distributed (and, with ``model_parallel``, megatron-core's groups at tensor =

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -36,7 +36,11 @@ class SignalAt(Callback):
 
     def on_step_end(self, state, metrics) -> None:
         if state.step == self.step and state.is_logging_rank:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            # To the main thread: a signal to the process may be taken by a thread that existed
+            # before the trainer blocked it (this test's process group), and then reaches the
+            # trainer a step later. SLURM's signal is asynchronous anyway; the test needs the
+            # stop at this very step.
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
 
 
 def _train(rank: int, world: int, overrides: list[str], run_dir: str, stop_at: int | None):

@@ -53,8 +53,11 @@ def _diverge(rank: int, world: int, run_dir: str, overrides: list[str] = DIVERGI
     return {"code": 0, "message": "", "steps": record.steps}
 
 
-def test_non_finite_updates_are_skipped_on_every_rank_then_the_run_stops(tmp_path):
-    results = run_in_processes(_diverge, 2, str(tmp_path))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_non_finite_updates_are_skipped_on_every_rank_then_the_run_stops(tmp_path, precision):
+    # bf16: DeepSpeed's own skip (its overflow check) is what was_step_applied() reports.
+    overrides = [*DIVERGING, f"train.precision={precision}"]
+    results = run_in_processes(_diverge, 2, str(tmp_path), overrides)
     assert results[0]["steps"] == results[1]["steps"]  # the ranks agree on every skip
     steps = results[0]["steps"]
     skipped = [s for s, why, _ in steps if why]

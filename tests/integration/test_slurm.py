@@ -283,6 +283,22 @@ def test_submit_without_a_logs_folder_writes_the_job_log(slurm_cluster, tmp_path
     assert [m["step"] for m in _read_metrics(run_dir)] == [1, 2]
 
 
+def _is_worker(process: psutil.Process, run_dir: Path) -> bool:
+    """A training process of the job: ``python -m divprec.pretrain ... run.dir=<run_dir>`` whose
+    parent is torchrun (not srun's shell, not a forked writer of a training process)."""
+    try:
+        argv, parent = process.info["cmdline"] or [], process.parent()
+        return (
+            f"run.dir={run_dir}" in argv
+            and argv[1:3] == ["-u", "-m"]
+            and "divprec.pretrain" in argv
+            and parent is not None
+            and "torch.distributed.run" in parent.cmdline()
+        )
+    except psutil.Error:  # it ended meanwhile
+        return False
+
+
 def test_killed_worker_restarts_inside_the_allocation(slurm_cluster, tmp_path):  # noqa: F811
     """kill -9 of one training process of a 2-node job: torchrun restarts the worker groups on
     both nodes (DIVPREC_MAX_RESTARTS), they resume from the latest checkpoint, and the job
@@ -293,13 +309,9 @@ def test_killed_worker_restarts_inside_the_allocation(slurm_cluster, tmp_path): 
     logs.mkdir()
     job = _submit(slurm_cluster, overrides, run_dir, logs)
     _wait_for_steps(slurm_cluster, job, run_dir, logs, 5)
-    workers = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if f"run.dir={run_dir}" in " ".join(p.info["cmdline"] or [])
-        and "divprec.pretrain" in " ".join(p.info["cmdline"] or [])
-        and "torch.distributed.run" not in " ".join(p.info["cmdline"] or [])
-    ]
+    # The training processes: torchrun's children that run this job (their own children, forked
+    # checkpoint writers, share the command line).
+    workers = [p for p in psutil.process_iter(["cmdline"]) if _is_worker(p, run_dir)]
     assert len(workers) == 2, workers
     workers[-1].kill()
     info = slurm_cluster.wait_finished(job, timeout=400)
