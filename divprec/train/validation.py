@@ -70,6 +70,8 @@ class Validator:
                 if self.stop_requested():
                     logger.warning("validation stopped early by a preemption signal")
                     return {}
+                # no_grad also keeps megatron-core's MoE routers from counting validation tokens
+                # into the next expert-bias update (they count only with grad enabled).
                 with torch.no_grad():
                     run.forward_backward(
                         forward_step_func=forward_step,
