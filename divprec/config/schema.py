@@ -17,7 +17,7 @@ from divprec.loss.config import ShapedLossConfig
 from divprec.metrics.config import LoggingConfig
 from divprec.model.config import ModelConfig
 from divprec.parallel.config import OptimConfig, ParallelConfig
-from divprec.train.config import TrainConfig
+from divprec.train.config import EvalConfig, TrainConfig
 
 SCHEMA_NAME = "pretrain_schema"
 
@@ -38,6 +38,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)

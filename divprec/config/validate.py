@@ -13,7 +13,7 @@ import torch
 from divprec.checkpoint.config import validate_checkpoint_load
 from divprec.config.schema import PretrainConfig
 from divprec.data.checks import check_data
-from divprec.data.config import validate_data_config
+from divprec.data.config import split_shares, validate_data_config
 from divprec.metrics.config import validate_logging_config
 from divprec.model.config import validate_recompute
 
@@ -227,6 +227,22 @@ def validate_fault_handling(cfg: PretrainConfig) -> None:
     )
 
 
+def validate_eval(cfg: PretrainConfig) -> None:
+    e = cfg.eval
+    _require(
+        e.interval >= 0,
+        f"eval.interval must be >= 0 (steps between validations; 0: never), got {e.interval}",
+    )
+    _require(
+        e.iters >= 1, f"eval.iters must be >= 1 (global batches per validation), got {e.iters}"
+    )
+    _require(
+        e.interval == 0 or split_shares(cfg.data.split)[1] > 0,
+        f"eval.interval={e.interval} needs a validation split: give data.split a non-zero second "
+        f"share (e.g. '98,2,0', got {cfg.data.split!r}), or set eval.interval=0",
+    )
+
+
 def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None) -> None:
     """All checks that need no process group, the data files and the tokenizer included.
 
@@ -243,6 +259,7 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     validate_train(cfg, world_size)
     validate_fault_handling(cfg)
     try:
+        validate_eval(cfg)
         validate_checkpoint(cfg)
         validate_recompute(cfg.model, p.pipeline)
         validate_data_config(cfg.data)

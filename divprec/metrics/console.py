@@ -17,6 +17,7 @@ _FIELDS: tuple[tuple[str, str, str], ...] = (
     ("entropy", "entropy", "{:.3f}"),
     ("grad_norm", "grad_norm", "{:.3f}"),
     ("lr", "lr", "{:.1e}"),
+    ("val_lm_loss", "val_lm_loss", "{:.3f}"),  # steps that validated
 )
 
 

@@ -87,7 +87,8 @@ def build_run(cfg: PretrainConfig) -> Run:
         sequence_length=train.seq_length,
         seed=train.seed,
         train_samples=train.steps * train.global_batch_size,
-        valid_samples=train.global_batch_size,
+        # Validation reads the same eval.iters global batches every time.
+        valid_samples=max(train.global_batch_size, cfg.eval.samples(train.global_batch_size)),
         show_progress=ctx.is_logging_rank,
     )
     vocab_size = cfg.model.padded_vocab_size(datasets.tokenizer.vocab_size, par.tensor)

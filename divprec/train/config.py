@@ -25,3 +25,20 @@ class TrainConfig:
     loss_spike_zscore: float = 6.0  # warn (and with skip_loss_spikes, skip) above this z-score
     skip_loss_spikes: bool = False
     preemption_signal: str = "USR1"  # with SIGTERM: save and exit 75 (launch/pretrain.slurm agrees)
+
+
+@dataclass
+class EvalConfig:
+    """In-loop validation (the Hydra group ``eval``).
+
+    Every ``interval`` optimizer steps, and after the last, the run evaluates ``iters`` global
+    batches of the validation split (the first ones, the same every time); 0: never.
+    """
+
+    interval: int = 0
+    iters: int = 10
+
+    def samples(self, global_batch_size: int) -> int:
+        """Validation samples a run reads: ``iters`` global batches (the same every time); 0 when
+        validation is off."""
+        return self.iters * global_batch_size if self.interval > 0 else 0

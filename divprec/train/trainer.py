@@ -10,7 +10,8 @@ step, numbered as in divprec.train.step:
   4. stat token means over the world (metrics/reduce.py)
   5. MoE expert bias (train/moe.py)
   6. DeepSpeed's clipped AdamW update on the ZeRO partitions, skipped when not finite
-Then the hooks, in order: metrics sinks (metrics/), the divergence guard (train/guards.py),
+Every ``eval.interval`` steps and after the last, validation (train/validation.py) adds the val_
+metrics to the step's. Then the hooks, in order: metrics sinks (metrics/), the divergence guard (train/guards.py),
 checkpointing (train/checkpointing.py -> checkpoint/manager.py), preemption
 (train/preemption.py). The run is built by train/build.py.
 """
@@ -31,6 +32,7 @@ from divprec.train.checkpointing import CheckpointHook
 from divprec.train.guards import DivergenceGuard
 from divprec.train.preemption import PreemptionHook, PreemptionWatcher
 from divprec.train.step import StepResult, train_step
+from divprec.train.validation import Validator
 
 
 @dataclass
@@ -92,6 +94,8 @@ def _train(
     )
     peak = cfg.logging.peak_tflops or device_peak_tflops(ctx.device, run.dtype)
     throughput = Throughput(run.flops_per_token, ctx.world_size, peak)
+    # Called by the loop, before the hooks: its metrics join the step's (train/validation.py).
+    validator = Validator(run, lambda: watcher.should_stop(ctx.device))
     history: list[dict[str, float]] = []
     try:
         for hook in hooks:
@@ -103,8 +107,12 @@ def _train(
             state.consumed_samples += train.global_batch_size
             throughput.step(train.global_batch_size * train.seq_length)
             metrics = None
-            if cfg.logging.should_log(state.step, train.steps):
+            validate_now = validator.due(state.step, train.steps)
+            if validate_now or cfg.logging.should_log(state.step, train.steps):
                 metrics = {**_step_metrics(result, state), **throughput.compute()}
+                if validate_now:
+                    metrics.update(validator.evaluate())
+                    throughput.start()  # validation time is not training throughput
                 history.append(metrics)
             for hook in hooks:
                 hook.on_step_end(state, metrics)

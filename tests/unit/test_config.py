@@ -283,6 +283,24 @@ ERRORS = {
         VOCAB,
         r"^parallel\.timeout_minutes must be > 0, got 0",
     ),
+    "eval_interval_negative": (
+        ["eval.interval=-1"],
+        1,
+        VOCAB,
+        r"^eval\.interval must be >= 0 \(steps between validations; 0: never\), got -1$",
+    ),
+    "eval_iters_zero": (
+        ["eval.interval=5", "eval.iters=0"],
+        1,
+        VOCAB,
+        r"^eval\.iters must be >= 1 \(global batches per validation\), got 0$",
+    ),
+    "eval_without_validation_split": (
+        ["eval.interval=5", "data.split='100,0,0'"],
+        1,
+        VOCAB,
+        r"^eval\.interval=5 needs a validation split: give data\.split a non-zero second share",
+    ),
     "sequence_parallel_tp1": (
         ["parallel.sequence_parallel=true"],
         1,

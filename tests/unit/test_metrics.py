@@ -349,6 +349,11 @@ def test_console_line(tmp_path, caplog):
     )
     assert format_step_line(10, 50, metrics) == expected
     assert format_step_line(1, 2, {"mfu": 0.4123}) == "step 1/2 | mfu 41.2%"
+    # A validation step adds val_lm_loss (the other val_ metrics stay in the jsonl/wandb record).
+    val_step = {**metrics, "val_lm_loss": 5.4321, "val_ppl": 228.6}
+    assert format_step_line(10, 50, val_step) == expected.replace(
+        " | 12.3k", " | val_lm_loss 5.432 | 12.3k"
+    )
     caplog.set_level(logging.INFO, logger="divprec.metrics")
     console = ConsoleLogger()
     console.on_step_end(_state(tmp_path, step=10, total=50), metrics)
