@@ -10,10 +10,10 @@ step, numbered as in divprec.train.step:
   4. stat token means over the world (metrics/reduce.py)
   5. MoE expert bias (train/moe.py)
   6. DeepSpeed's clipped AdamW update on the ZeRO partitions, skipped when not finite
-Every ``eval.interval`` steps and after the last, validation (train/validation.py) adds the val_
-metrics to the step's. Then the hooks, in order: metrics sinks (metrics/), the divergence guard (train/guards.py),
-checkpointing (train/checkpointing.py -> checkpoint/manager.py), preemption
-(train/preemption.py). The run is built by train/build.py.
+Every ``eval.interval`` steps and after the last, validation (train/validation.py) adds the
+val_ metrics to the step's. Then the hooks, in order: metrics sinks (metrics/), the divergence
+guard (train/guards.py), checkpointing (train/checkpointing.py -> checkpoint/manager.py),
+preemption (train/preemption.py). The run is built by train/build.py.
 """
 
 from __future__ import annotations
