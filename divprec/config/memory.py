@@ -24,6 +24,7 @@ def training_layout(
         tensor=par.tensor,
         pipeline=par.pipeline,
         data=data,
+        expert=par.expert,
         sequence_parallel=par.sequence_parallel and par.tensor > 1,
         zero_stage=par.zero_stage,
         micro_batch_size=train.micro_batch_size,

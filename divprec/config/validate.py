@@ -107,6 +107,7 @@ def validate_parallel(cfg: PretrainConfig, world_size: int) -> None:
         not (p.sequence_parallel and p.tensor == 1),
         "parallel.sequence_parallel=true needs parallel.tensor > 1",
     )
+    validate_expert_parallel(cfg, world_size)
     _require(
         p.backend in ("auto", "nccl", "gloo"),
         f"parallel.backend={p.backend!r}: use auto, nccl or gloo",
@@ -114,6 +115,33 @@ def validate_parallel(cfg: PretrainConfig, world_size: int) -> None:
     _require(
         not (p.backend == "nccl" and not torch.cuda.is_available()),
         "parallel.backend=nccl needs CUDA devices: use parallel.backend=gloo (or auto) on CPU",
+    )
+
+
+def validate_expert_parallel(cfg: PretrainConfig, world_size: int) -> None:
+    """megatron-core's expert-parallel rules, with the key to change."""
+    m, p = cfg.model, cfg.parallel
+    _require(p.expert >= 1, f"parallel.expert must be >= 1, got {p.expert}")
+    if p.expert == 1:
+        return
+    _require(
+        m.is_moe,
+        f"parallel.expert={p.expert} needs a MoE model (model.num_experts), but model={m.name} is "
+        "dense: set parallel.expert=1",
+    )
+    _require(
+        m.num_experts % p.expert == 0,
+        f"model.num_experts={m.num_experts} is not divisible by parallel.expert={p.expert}: "
+        "choose an expert-parallel size that divides the experts",
+    )
+    # Experts take the tensor split of the dense layers, so megatron-core needs
+    # expert x tensor to divide data x tensor (world / pipeline).
+    data = p.data_parallel(world_size)
+    _require(
+        data % p.expert == 0,
+        f"parallel.expert={p.expert} x parallel.tensor={p.tensor} does not divide data parallel "
+        f"{data} x parallel.tensor={p.tensor} (world size {world_size} / parallel.pipeline="
+        f"{p.pipeline}): choose parallel.expert dividing {data}, or launch more processes",
     )
 
 

@@ -7,6 +7,8 @@ rank of the worst pipeline stage (the one with the largest total):
   the stage; ZeRO-2 only this rank's 1/data-parallel partition.
 - ZeRO-partitioned fp32 master weights and AdamW's two moments: 3 x 4 bytes per parameter of the
   stage, / data parallel. DeepSpeed keeps the fp32 master copy even when the parameters are fp32.
+  With expert parallelism (e) a rank holds num_experts / e of each MoE layer's experts, and their
+  state is partitioned over the e-times smaller expert-data-parallel group.
 - activations: what autograd saves for the backward, per token of a microbatch and layer (the
   sums below), times the microbatches in flight: 1 without pipeline parallelism; with 1F1B, stage
   r of p holds p - r (capped at the microbatch count). Recompute keeps less (see
@@ -39,7 +41,9 @@ width on this rank:
 - dense SwiGLU: the FC1 output 2f and three f-wide tensors, p*5f;
 - MoE: router (fp32 logits and probabilities over E experts, indices of the k choices,
   9E + 20k + 4 bytes), the k permuted copies of the token p*k*h, each routed copy's expert MLP
-  p*6f_e + 4 (megatron's SequentialMLP on the local layers).
+  p*6f_e + 4 (megatron's SequentialMLP on the local layers). Expert parallelism leaves this per
+  token: a rank's experts see e times the tokens (those of e data-parallel ranks) and 1/e of
+  their routed copies.
 Selective recompute drops what its modules recompute (core_attn: SDPA's log-sum-exp, its inputs
 and output are kept by their neighbours; mlp: the MLP's inner tensors; moe: router, permutation
 and experts). Full recompute keeps a chunk's input, p*h per layer chunk.
@@ -69,6 +73,7 @@ class TrainingLayout:
     tensor: int
     pipeline: int
     data: int
+    expert: int  # expert-parallel size (parallel.expert); divides data
     sequence_parallel: bool
     zero_stage: int
     micro_batch_size: int
@@ -121,24 +126,39 @@ class MemoryPlan:
 # --- parameters ------------------------------------------------------------------------------
 
 
-def _layer_parameters(cfg: ModelConfig, tensor: int) -> int:
-    """Parameters of one decoder layer on one tensor-parallel rank."""
+def _layer_expert_parameters(cfg: ModelConfig, tensor: int, expert: int) -> int:
+    """Expert weights of one MoE layer on one rank (its num_experts / expert experts, TP-split)."""
+    if not cfg.is_moe:
+        return 0
+    f_moe = cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size
+    return cfg.num_experts // expert * 3 * cfg.hidden_size * f_moe // tensor
+
+
+def _layer_parameters(cfg: ModelConfig, tensor: int, expert: int = 1) -> int:
+    """Parameters of one decoder layer on one rank (experts included)."""
     h, d = cfg.hidden_size, cfg.head_dim
     q_width, kv_width = cfg.num_attention_heads * d, cfg.num_query_groups * d
     attention = (h * (q_width + 2 * kv_width) + q_width * h) // tensor
     attention += 2 * d if cfg.qk_layernorm else 0  # replicated
     if cfg.is_moe:
-        f_moe = cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size
-        mlp = cfg.num_experts * h + cfg.num_experts * 3 * h * f_moe // tensor  # router replicated
+        mlp = cfg.num_experts * h + _layer_expert_parameters(
+            cfg, tensor, expert
+        )  # router replicated
     else:
         mlp = 3 * h * cfg.ffn_hidden_size // tensor
     return 2 * h + attention + mlp
 
 
+def stage_expert_parameters(cfg: ModelConfig, layout: TrainingLayout) -> int:
+    """The expert weights among :func:`stage_parameters` (partitioned over expert-data parallel)."""
+    layers = cfg.num_layers // layout.pipeline
+    return layers * _layer_expert_parameters(cfg, layout.tensor, layout.expert)
+
+
 def stage_parameters(cfg: ModelConfig, layout: TrainingLayout, stage: int) -> int:
     """Parameters held by one rank of pipeline stage ``stage`` (vocab-parallel embeddings)."""
     layers = cfg.num_layers // layout.pipeline
-    count = layers * _layer_parameters(cfg, layout.tensor)
+    count = layers * _layer_parameters(cfg, layout.tensor, layout.expert)
     embedding = layout.vocab_size * cfg.hidden_size // layout.tensor
     first, last = stage == 0, stage == layout.pipeline - 1
     if first:
@@ -268,7 +288,9 @@ def plan_memory(cfg: ModelConfig, layout: TrainingLayout) -> MemoryPlan:
 def _stage_plan(cfg: ModelConfig, layout: TrainingLayout, stage: int) -> MemoryPlan:
     p = layout.param_bytes
     count = stage_parameters(cfg, layout, stage)
-    partition = -(-count // layout.data)
+    # ZeRO partitions each parameter group over its own group: the experts over data / expert.
+    experts = stage_expert_parameters(cfg, layout)
+    partition = -(-(count - experts) // layout.data) + -(-experts // (layout.data // layout.expert))
     parameters = count * p
     gradients = (partition if layout.zero_stage >= 2 else count) * p
     master = partition * FP32

@@ -24,10 +24,16 @@ class ParallelConfig:
     data parallel = world_size / (tensor x pipeline). DeepSpeed ZeRO partitions the optimizer state
     (stage 1) and also the gradients (stage 2) over the data-parallel group; stage 2 cannot be
     combined with pipeline parallelism.
+
+    ``expert`` is megatron-core's expert-model-parallel size: a MoE layer's experts are split over
+    that many ranks of the data-parallel group (each holds num_experts / expert of them, with the
+    tensor-parallel split of the dense layers). Their gradients are reduced, and ZeRO partitions
+    their optimizer state, over the expert-data-parallel group of data / expert ranks.
     """
 
     tensor: int = 1
     pipeline: int = 1
+    expert: int = 1
     zero_stage: int = 1
     sequence_parallel: bool = False
     backend: str = "auto"  # "auto": nccl with CUDA, gloo without | "nccl" | "gloo"
@@ -35,6 +41,10 @@ class ParallelConfig:
 
     def data_parallel(self, world_size: int) -> int:
         return world_size // (self.tensor * self.pipeline)
+
+    def expert_data_parallel(self, world_size: int) -> int:
+        """Replicas of each expert: the data-parallel ranks that hold the same experts."""
+        return self.data_parallel(world_size) // self.expert
 
 
 @dataclass

@@ -103,15 +103,103 @@ def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+def is_expert_parallel_param(param: torch.nn.Parameter) -> bool:
+    """megatron-core's mark on an expert weight split over expert-parallel ranks (EP > 1), which
+    DeepSpeed also reads as "a MoE parameter" (deepspeed.moe.utils.is_moe_param)."""
+    return not getattr(param, "allreduce", True)
+
+
+def expert_group_name(expert_parallel: int) -> str:
+    """The name DeepSpeed gives an expert-parallel group of this size (and its ZeRO groups)."""
+    return f"ep_size_{expert_parallel}"
+
+
+def register_expert_groups(model: torch.nn.Module) -> str | None:
+    """Give DeepSpeed megatron-core's expert groups; name the model's expert parameters after them.
+
+    DeepSpeed reduces a MoE parameter's gradient over, and partitions its ZeRO state over, the
+    expert-data-parallel group it finds under the parameter's ``group_name``. DeepSpeed's own group
+    builder would lay ranks out its way; megatron-core's groups (tp-ep-dp order) are the ones the
+    experts were placed by, so they are handed over as they are. Returns the group name, or None
+    when the model has no expert-parallel parameters. Collectives: none.
+    """
+    from deepspeed.utils import groups
+
+    experts = [param for param in model.parameters() if is_expert_parallel_param(param)]
+    if not experts:
+        return None
+    name = expert_group_name(parallel_state.get_expert_model_parallel_world_size())
+    for registry, ranks, group in (
+        (
+            groups._EXPERT_PARALLEL_GROUP,
+            groups._EXPERT_PARALLEL_GROUP_RANKS,
+            parallel_state.get_expert_model_parallel_group(),
+        ),
+        (
+            groups._EXPERT_DATA_PARALLEL_GROUP,
+            groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+            parallel_state.get_expert_data_parallel_group(),
+        ),
+    ):
+        # Replaces a previous world's group of the same name (a rebuilt world in one process).
+        registry[name] = group
+        ranks[name] = torch.distributed.get_process_group_ranks(group)
+    for param in experts:
+        param.group_name = name
+    return name
+
+
+def parameter_groups(
+    model: torch.nn.Module, weight_decay: float, expert_group: str | None = None
+) -> list[dict[str, Any]]:
+    """AdamW's groups: decayed or not, and expert-parallel parameters apart (DeepSpeed's MoE
+    groups, ``moe=True`` and ``name`` the expert group, which ZeRO partitions over that group)."""
+    buckets: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if _no_weight_decay(name, param) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+            key = (is_expert_parallel_param(param), _no_weight_decay(name, param))
+            buckets.setdefault(key, []).append(param)
+    groups = [{"params": buckets.get((False, False), []), "weight_decay": weight_decay}]
+    for expert, no_decay in ((False, True), (True, False), (True, True)):
+        params = buckets.get((expert, no_decay))
+        if not params:
+            continue
+        group: dict[str, Any] = {
+            "params": params,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+        }
+        if expert:
+            if expert_group is None:
+                raise ValueError("expert-parallel parameters need an expert group name")
+            group.update(moe=True, name=expert_group)
+        groups.append(group)
     return groups
+
+
+@contextlib.contextmanager
+def _engine_knowing_experts() -> Iterator[None]:
+    """deepspeed.initialize building an engine that knows megatron-core's experts.
+
+    DeepSpeed turns on its MoE handling (expert groups in ZeRO, the expert broadcast) only when
+    the model contains its own ``deepspeed.moe.layer.MoE`` class. The engine class used while this
+    block runs is DeepSpeed's with one change: a model with expert-parallel parameters counts as
+    a MoE model. deepspeed.initialize itself runs unchanged.
+    """
+    import deepspeed
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    class EngineKnowingExperts(DeepSpeedEngine):
+        def _configure_distributed_model(self, model):
+            super()._configure_distributed_model(model)
+            if any(is_expert_parallel_param(param) for param in self.module.parameters()):
+                self.has_moe_layers = True
+
+    original = deepspeed.DeepSpeedEngine
+    deepspeed.DeepSpeedEngine = EngineKnowingExperts
+    try:
+        yield
+    finally:
+        deepspeed.DeepSpeedEngine = original
 
 
 def build_engine(
@@ -123,8 +211,10 @@ def build_engine(
 ):
     """Wrap the model in a DeepSpeed engine whose ZeRO optimizer is AdamW.
 
-    Collectives: DeepSpeed broadcasts the parameters over the data-parallel group and builds its
-    ZeRO partitions.
+    Expert-parallel parameters (parallel.expert > 1) are DeepSpeed MoE parameters: reduced over
+    and partitioned over megatron-core's expert-data-parallel group (:func:`register_expert_groups`).
+    Collectives: DeepSpeed broadcasts the parameters over the data-parallel group (experts over
+    the expert-data-parallel group) and builds its ZeRO partitions.
     """
     import deepspeed
 
@@ -132,25 +222,35 @@ def build_engine(
     os.environ.setdefault("LOCAL_RANK", "0")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     fused = next(model.parameters()).is_cuda
+    expert_group = register_expert_groups(model)
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, optim.weight_decay),
+        parameter_groups(model, optim.weight_decay, expert_group),
         lr=optim.lr,
         betas=(optim.adam_beta1, optim.adam_beta2),
         eps=optim.adam_eps,
         fused=fused,
     )
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        mpu=MegatronMpu(),
-        config=deepspeed_config(
-            optim,
-            zero_stage,
-            micro_batch_size,
-            bf16,
-            reduce_bucket_elements(sum(p.numel() for p in model.parameters() if p.requires_grad)),
-        ),
-    )
+    with _engine_knowing_experts():
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            mpu=MegatronMpu(),
+            config=deepspeed_config(
+                optim,
+                zero_stage,
+                micro_batch_size,
+                bf16,
+                reduce_bucket_elements(
+                    sum(p.numel() for p in model.parameters() if p.requires_grad)
+                ),
+            ),
+        )
+    if engine.has_moe_layers != (expert_group is not None):
+        raise RuntimeError(
+            "DeepSpeed did not take megatron-core's expert parameters as MoE parameters "
+            f"(has_moe_layers={engine.has_moe_layers}): this DeepSpeed version builds its engine "
+            "differently; run with parallel.expert=1"
+        )
     _link_optimizer_state(engine.optimizer)
     return engine
 

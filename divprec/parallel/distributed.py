@@ -104,6 +104,9 @@ def init_distributed(cfg: ParallelConfig, seed: int) -> ParallelContext:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=cfg.tensor,
             pipeline_model_parallel_size=cfg.pipeline,
+            # Experts take the dense layers' tensor split (expert_tensor_parallel_size defaults to
+            # tensor), so expert x expert-data parallel = data parallel.
+            expert_model_parallel_size=cfg.expert,
             # megatron's groups (TP, PP, DP, ...) take their own timeout, not the world's
             distributed_timeout_minutes=cfg.timeout_minutes,
         )

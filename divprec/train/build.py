@@ -113,6 +113,7 @@ def build_run(cfg: PretrainConfig) -> Run:
     layout = {
         "tensor": ctx.tensor_size,
         "pipeline": ctx.pipeline_size,
+        "expert": par.expert,
         "data": ctx.data_size,
         "zero_stage": par.zero_stage,
     }

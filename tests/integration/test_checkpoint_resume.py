@@ -6,16 +6,13 @@ import json
 import math
 import re
 import shutil
-import signal
-import threading
 from pathlib import Path
 
 import pytest
-from toy_model import tiny_run
+from toy_model import SignalAt, tiny_run
 
 from divprec.config.compose import compose_config
 from divprec.config.validate import validate
-from divprec.metrics.callback import Callback
 from divprec.parallel.spawn import run_in_processes
 
 pytestmark = pytest.mark.slow
@@ -26,21 +23,6 @@ BASE = tiny_run(
     "loss.beta=-0.25",
     f"train.steps={STEPS}",
 )
-
-
-class SignalAt(Callback):
-    """Sends SIGUSR1 to this process after a step, as SLURM would ahead of a time limit."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, state, metrics) -> None:
-        if state.step == self.step and state.is_logging_rank:
-            # To the main thread: a signal to the process may be taken by a thread that existed
-            # before the trainer blocked it (this test's process group), and then reaches the
-            # trainer a step later. SLURM's signal is asynchronous anyway; the test needs the
-            # stop at this very step.
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
 
 
 def _train(rank: int, world: int, overrides: list[str], run_dir: str, stop_at: int | None):

@@ -434,6 +434,38 @@ ERRORS = {
         r"^model\.num_experts=8 \(MoE\) with parallel\.tensor=2 needs "
         r"parallel\.sequence_parallel=true: ",
     ),
+    "expert_parallel_dense": (
+        ["parallel.expert=2"],
+        2,
+        VOCAB,
+        r"^parallel\.expert=2 needs a MoE model \(model\.num_experts\), but model=tiny is dense: "
+        r"set parallel\.expert=1$",
+    ),
+    "expert_parallel_experts": (
+        ["model=moe_tiny", "parallel.expert=3"],
+        3,
+        VOCAB,
+        r"^model\.num_experts=8 is not divisible by parallel\.expert=3: ",
+    ),
+    "expert_parallel_data": (
+        [
+            "model=moe_tiny",
+            "parallel.expert=4",
+            "parallel.tensor=2",
+            "parallel.sequence_parallel=true",
+        ],
+        4,
+        VOCAB,
+        r"^parallel\.expert=4 x parallel\.tensor=2 does not divide data parallel 2 x "
+        r"parallel\.tensor=2 \(world size 4 / parallel\.pipeline=1\): choose parallel\.expert "
+        r"dividing 2, or launch more processes$",
+    ),
+    "expert_parallel_size": (
+        ["model=moe_tiny", "parallel.expert=0"],
+        1,
+        VOCAB,
+        r"^parallel\.expert must be >= 1, got 0$",
+    ),
 }
 
 
