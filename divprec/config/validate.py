@@ -167,6 +167,10 @@ def validate_train(cfg: PretrainConfig, world_size: int) -> None:
         t.precision in ("auto", "bf16", "fp32"),
         f"train.precision={t.precision!r}: use auto, bf16 or fp32",
     )
+    _require(
+        t.loss_averaging in ("token", "microbatch"),
+        f"train.loss_averaging={t.loss_averaging!r}: use token or microbatch",
+    )
     _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _require(0 <= o.final_lr <= o.lr, f"optim.final_lr={o.final_lr} must be in [0, optim.lr]")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")

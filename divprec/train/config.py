@@ -11,7 +11,10 @@ class TrainConfig:
 
     ``global_batch_size`` sequences per optimizer step = micro_batch_size x data parallel x
     microbatches; megatron-core's schedule runs the microbatches. ``precision`` "auto" is bf16 with
-    CUDA and fp32 on CPU.
+    CUDA and fp32 on CPU. ``loss_averaging`` "token": the gradient is that of the mean loss over
+    every unmasked token of the global batch; "microbatch": of the mean of the microbatches' token
+    means (megatron-core's legacy default), which weighs a token of a sparsely masked microbatch
+    more (divprec.train.loss_averaging).
     """
 
     steps: int = 200
@@ -20,6 +23,7 @@ class TrainConfig:
     seq_length: int = 256
     seed: int = 1234
     precision: str = "auto"  # "auto" | "bf16" | "fp32"
+    loss_averaging: str = "token"  # "token" | "microbatch"
     max_skipped_steps: int = 5  # consecutive skipped updates (non-finite, spikes) before stopping
     loss_spike_window: int = 0  # applied steps the loss/grad-norm z-scores look back on; 0: off
     loss_spike_zscore: float = 6.0  # warn (and with skip_loss_spikes, skip) above this z-score

@@ -27,25 +27,34 @@ METRIC_NAMES = {
 
 
 def loss_func(
-    loss_mask: torch.Tensor, stat_sums: TokenStatSums, output: torch.Tensor
+    loss_mask: torch.Tensor,
+    stat_sums: TokenStatSums,
+    token_scale: float | None,
+    output: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean shaped loss over this microbatch's unmasked tokens; the stats go to ``stat_sums``.
+    """This microbatch's shaped loss to back-propagate; the stats go to ``stat_sums``.
 
     ``output``: ``[b, s, 6]`` from ShapedGPTModel (loss, then detached stats). The schedule divides
-    the returned loss by the number of microbatches.
+    the returned loss by the number of microbatches. ``token_scale`` None: the mean over this
+    microbatch's unmasked tokens (``train.loss_averaging=microbatch``, and validation, which
+    back-propagates nothing); else the summed loss times ``token_scale``
+    (divprec.train.loss_averaging.token_loss_scale). The reported ``loss`` is the token mean.
     """
     mask = loss_mask.to(output.device, torch.float32)  # [b, s]
     channels = dict(zip(OUTPUT_CHANNELS, output.float().unbind(-1), strict=True))  # each [b, s]
-    loss = (channels["loss"] * mask).sum() / mask.sum().clamp(min=1.0)
+    summed = (channels["loss"] * mask).sum()
+    mean = summed / mask.sum().clamp(min=1.0)
     stat_sums.add(masked_sums({METRIC_NAMES[k]: v for k, v in channels.items()}, mask))
+    loss = mean if token_scale is None else summed * token_scale
     # The schedule divides the returned loss in place: report a copy.
-    return loss, {"loss": loss.detach().clone()}
+    return loss, {"loss": mean.detach().clone()}
 
 
 def make_forward_step(
-    stat_sums: TokenStatSums, device: torch.device
+    stat_sums: TokenStatSums, device: torch.device, token_scale: float | None = None
 ) -> Callable[[Iterator[dict[str, torch.Tensor]], torch.nn.Module], tuple]:
-    """forward_step(data_iterator, model) for megatron-core's forward_backward functions."""
+    """forward_step(data_iterator, model) for megatron-core's forward_backward functions;
+    ``token_scale``: see :func:`loss_func`."""
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -53,7 +62,7 @@ def make_forward_step(
         labels = batch["labels"].to(device, non_blocking=True)  # [b, s]
         position_ids = batch["position_ids"].to(device, non_blocking=True)  # [b, s]
         output = model(tokens, position_ids, None, labels=labels)  # last stage: [b, s, 6]
-        return output, partial(loss_func, batch["loss_mask"], stat_sums)
+        return output, partial(loss_func, batch["loss_mask"], stat_sums, token_scale)
 
     return forward_step
 

@@ -4,7 +4,10 @@ The path of one step through the code:
   1. the learning rate for this step (divprec.train.schedule), set on DeepSpeed's optimizer;
   2. megatron-core's schedule (1F1B with pipeline parallelism) runs the microbatches
      (divprec.train.microbatch); on the last stage the model computes the shaped loss and its
-     stats over the vocab-parallel logits (divprec.model.shaped_gpt -> divprec.loss);
+     stats over the vocab-parallel logits (divprec.model.shaped_gpt -> divprec.loss). With
+     ``train.loss_averaging=token`` the step's microbatches are read first and their unmasked
+     tokens counted over data parallel, so that the gradient is that of the global batch's token
+     mean (divprec.train.loss_averaging);
   3. backward; tensor-parallel partial gradients are summed by hooks, and DeepSpeed reduces over
      data parallel (divprec.parallel.deepspeed_engine.GradientSync);
   4. the stats' token means over the whole world (one all-reduce; every rank gets the same);
@@ -25,6 +28,7 @@ import torch
 from divprec.metrics.reduce import TokenStatSums, reduce_token_means
 from divprec.parallel.deepspeed_engine import discard_gradients, set_learning_rate
 from divprec.train.build import Run
+from divprec.train.loss_averaging import token_loss_scale
 from divprec.train.microbatch import empty_stat_sums, make_forward_step
 from divprec.train.moe import update_router_expert_bias
 from divprec.train.schedule import learning_rate
@@ -44,18 +48,24 @@ class StepResult:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], step: int) -> StepResult:
-    """Run step ``step`` (0-based) of ``run`` on every rank. Collectives: the schedule's pipeline
-    sends/receives, the TP and DP gradient reductions, one all-reduce SUM of the stats, the MoE
-    token counts, and DeepSpeed's gradient-norm reductions."""
-    cfg, ctx, engine = run.cfg, run.ctx, run.engine
-    lr = learning_rate(step, cfg.optim, cfg.train.steps)  # 1
-    set_learning_rate(engine, lr)
+def accumulate_gradients(run: Run, batches: Iterator[dict[str, torch.Tensor]]) -> TokenStatSums:
+    """Steps 2 and 3: the schedule's forward and backward over this step's microbatches, then the
+    data-parallel reduction. Returns this rank's stat sums (empty except on the last stage).
+
+    Collectives: with ``train.loss_averaging=token``, one all-reduce SUM over the data-parallel
+    group (the token count); the schedule's pipeline sends/receives; the TP and DP gradient
+    reductions.
+    """
+    cfg, ctx = run.cfg, run.ctx
+    step_batches = [next(batches) for _ in range(run.num_microbatches)]
+    token_scale = None
+    if cfg.train.loss_averaging == "token":
+        token_scale = token_loss_scale(step_batches, ctx.data_group)
     stat_sums = TokenStatSums()
-    engine.module.train()
-    run.forward_backward(  # 2, 3
-        forward_step_func=make_forward_step(stat_sums, ctx.device),
-        data_iterator=batches,
+    run.engine.module.train()
+    run.forward_backward(
+        forward_step_func=make_forward_step(stat_sums, ctx.device, token_scale),
+        data_iterator=iter(step_batches),
         model=[run.grad_sync.schedule_model()],
         num_microbatches=run.num_microbatches,
         seq_length=cfg.train.seq_length,
@@ -63,6 +73,17 @@ def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], step: int) 
         forward_only=False,
     )
     run.grad_sync.after_backward()
+    return stat_sums
+
+
+def train_step(run: Run, batches: Iterator[dict[str, torch.Tensor]], step: int) -> StepResult:
+    """Run step ``step`` (0-based) of ``run`` on every rank. Collectives: those of
+    :func:`accumulate_gradients`, one all-reduce SUM of the stats, the MoE token counts, and
+    DeepSpeed's gradient-norm reductions."""
+    cfg, ctx, engine = run.cfg, run.ctx, run.engine
+    lr = learning_rate(step, cfg.optim, cfg.train.steps)  # 1
+    set_learning_rate(engine, lr)
+    stat_sums = accumulate_gradients(run, batches)  # 2, 3
     # 4: only the last stage has stats; the others add zeros. TP ranks hold identical stats,
     # which scales every sum and the token count alike, so the means are exact.
     sums = stat_sums.totals() if ctx.is_last_stage else empty_stat_sums(ctx.device)

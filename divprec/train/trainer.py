@@ -3,8 +3,9 @@
 One code path on CPU (gloo, megatron-core bridged by divprec.parallel.cpu) and GPU (NCCL). A
 step, numbered as in divprec.train.step:
   1. learning rate (train/schedule.py)
-  2. megatron-core's schedule runs the microbatches (train/microbatch.py); the last stage computes
-     the shaped loss over the vocab-parallel logits (model/shaped_gpt.py -> loss/)
+  2. megatron-core's schedule runs the microbatches (train/microbatch.py, averaged per
+     train/loss_averaging.py); the last stage computes the shaped loss over the vocab-parallel
+     logits (model/shaped_gpt.py -> loss/)
   3. gradients: TP hooks and DeepSpeed's data-parallel reduction (parallel/deepspeed_engine.py
      GradientSync, parallel/tp_grads.py)
   4. stat token means over the world (metrics/reduce.py)

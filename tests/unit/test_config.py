@@ -359,6 +359,12 @@ ERRORS = {
         VOCAB,
         r"^train\.precision='fp16': use auto, bf16 or fp32",
     ),
+    "loss_averaging": (
+        ["train.loss_averaging=sample"],
+        1,
+        VOCAB,
+        r"^train\.loss_averaging='sample': use token or microbatch$",
+    ),
     "missing_data_file": (
         ["data.blend=['{tmp}/corpus']", "data.tokenizer_model='{tmp}/tok.model'"],
         1,
