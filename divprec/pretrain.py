@@ -47,7 +47,9 @@ def main(dict_cfg: DictConfig) -> None:
         validate(cfg, launcher_world_size())  # the data files and the tokenizer included
     except ValueError as err:
         _fail(str(err))
-    logging.getLogger().setLevel(logging.INFO)
+    # One rank speaks for the run (its checkpoints, its resume); the others log warnings only.
+    rank = int(os.environ.get("RANK", "0"))
+    logging.getLogger().setLevel(logging.INFO if rank == 0 else logging.WARNING)
     # megatron-core logs its dataset index bookkeeping at INFO; divprec reports what matters.
     logging.getLogger("megatron").setLevel(logging.WARNING)
     from divprec.checkpoint.checkpointer import CheckpointSaveError

@@ -188,3 +188,16 @@ def test_plan_tool_prints_the_plan_and_its_verdict() -> None:
         "plan: error: world size 3 is not a multiple of parallel.tensor x parallel.pipeline = 2: "
         "launch a multiple of 2 processes or change parallel.tensor/parallel.pipeline"
     ], bad.stderr
+
+
+def test_expert_parallel_splits_the_experts_not_their_state() -> None:
+    base = ["experiment=paper_moe_5b_a0_3b"]
+    one = memory_plan(compose_config([*base, "parallel.expert=1"]), 8)
+    eight = memory_plan(compose_config([*base, "parallel.expert=8"]), 8)
+    m = compose_config(base).model
+    experts = m.num_layers * m.num_experts * 3 * m.hidden_size * m.moe_ffn_hidden_size
+    # Each rank holds 1/8 of the experts ...
+    assert one.stage_parameters - eight.stage_parameters == experts - experts // 8
+    # ... and ZeRO partitions their state over the 1 replica instead of 8 ranks: the same share.
+    assert eight.master_weights == pytest.approx(one.master_weights, rel=1e-6)
+    assert eight.total < one.total
