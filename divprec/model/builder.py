@@ -46,6 +46,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from divprec.model.config import ModelConfig
+from divprec.model.grouped_experts import GroupedExperts, grouped_mm_available
 from divprec.model.init import initialize_parameters
 
 __all__ = [
@@ -211,7 +212,8 @@ def transformer_config(
             # the better choice without expert parallelism.
             moe_token_dispatcher_type="alltoall" if on_gpu and expert_parallel > 1 else "allgather",
             # Grouped GEMM: TE's TEGroupedMLP. The local spec's legacy GroupedMLP needs the
-            # grouped_gemm package (CUDA only); SequentialMLP loops over experts instead.
+            # grouped_gemm package (CUDA only); without TE, model.moe_experts picks divprec's
+            # GroupedExperts (torch's grouped GEMM) or SequentialMLP (a loop over experts).
             moe_grouped_gemm=use_transformer_engine,
         )
     return TransformerConfig(
@@ -280,6 +282,23 @@ def _recompute_fields(cfg: ModelConfig) -> dict[str, Any]:
     )
 
 
+def grouped_experts(cfg: ModelConfig, params_dtype: torch.dtype) -> bool:
+    """Whether the local spec runs the experts as grouped GEMMs (``model.moe_experts``).
+
+    ``auto``: on CUDA in bf16, the dtype torch's CUDA grouped GEMM is built for.
+    """
+    if cfg.moe_experts == "auto":
+        return (
+            torch.cuda.is_available() and params_dtype == torch.bfloat16 and grouped_mm_available()
+        )
+    if cfg.moe_experts == "grouped" and not grouped_mm_available():
+        raise ValueError(
+            f"model.moe_experts=grouped needs torch._grouped_mm (torch >= 2.8; this is "
+            f"{torch.__version__}): use model.moe_experts=sequential"
+        )
+    return cfg.moe_experts == "grouped"
+
+
 def layer_spec(
     cfg: ModelConfig, config: TransformerConfig, *, use_transformer_engine: bool, vp_stage=None
 ) -> ModuleSpec | TransformerBlockSubmodules:
@@ -298,6 +317,8 @@ def layer_spec(
         normalization="RMSNorm",
     )
     layer = spec.submodules
+    if cfg.is_moe and grouped_experts(cfg, config.params_dtype):
+        layer.mlp.submodules.experts.module = GroupedExperts
     layer.input_layernorm = RMSNorm
     layer.pre_mlp_layernorm = RMSNorm
     attention = layer.self_attention.submodules

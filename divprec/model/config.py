@@ -46,6 +46,10 @@ class ModelConfig:
     moe_router_expert_bias: bool = True  # auxiliary-loss-free balancing
     moe_router_bias_update_rate: float = 1e-3
     moe_aux_loss_coeff: float = 0.0
+    # How the local experts run without Transformer Engine: "grouped" (two grouped GEMMs,
+    # divprec.model.grouped_experts), "sequential" (megatron-core's loop over experts) or "auto"
+    # (grouped on CUDA in bf16, else sequential). Same parameters and checkpoints either way.
+    moe_experts: str = "auto"
     # Activation recompute (see the class docstring).
     recompute: str = "none"  # "none" | "selective" | "full"
     recompute_method: str = "uniform"  # full only: "uniform" | "block"
@@ -104,3 +108,14 @@ def validate_recompute(cfg: ModelConfig, pipeline: int) -> None:
             raise ValueError(
                 "model.recompute_modules: mlp recomputes dense MLPs only; use moe for a MoE model"
             )
+
+
+MOE_EXPERT_IMPLEMENTATIONS = ("auto", "grouped", "sequential")
+
+
+def validate_moe_experts(cfg: ModelConfig) -> None:
+    if cfg.moe_experts not in MOE_EXPERT_IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.moe_experts={cfg.moe_experts!r}: use one of "
+            f"{', '.join(MOE_EXPERT_IMPLEMENTATIONS)}"
+        )

@@ -68,6 +68,8 @@ def single(tmp_path_factory) -> dict:
 
 LAYOUTS = {
     "ep2": (2, ["parallel.expert=2"]),
+    # The experts as grouped GEMMs (the CUDA default), against the single process's loop.
+    "ep2_grouped_experts": (2, ["parallel.expert=2", "model.moe_experts=grouped"]),
     "ep2_tp2_sp": (
         4,
         ["parallel.expert=2", "parallel.tensor=2", "parallel.sequence_parallel=true"],

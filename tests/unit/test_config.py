@@ -468,6 +468,12 @@ ERRORS = {
         r"parallel\.tensor=2 \(world size 4 / parallel\.pipeline=1\): choose parallel\.expert "
         r"dividing 2, or launch more processes$",
     ),
+    "moe_experts": (
+        ["model=moe_tiny", "model.moe_experts=loop"],
+        1,
+        VOCAB,
+        r"^model\.moe_experts='loop': use one of auto, grouped, sequential$",
+    ),
     "expert_parallel_size": (
         ["model=moe_tiny", "parallel.expert=0"],
         1,
