@@ -7,13 +7,17 @@ from collections.abc import Callable
 
 import torch
 
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s, without 2:4 sparsity), matched case-insensitively
-# against torch.cuda.get_device_name, most specific first: "H100 PCIe" before plain "H100".
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s, without 2:4 sparsity: half NVIDIA's datasheet
+# figures, which are given with sparsity), matched case-insensitively against
+# torch.cuda.get_device_name, most specific first: "H100 PCIe" before plain "H100". The NVL and
+# PCIe boards run at lower clocks and power than SXM: H100 PCIe 1,513 / 2, H100 NVL and H200 NVL
+# 1,671 / 2, SXM and GH200 1,979 / 2.
 _BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("h100 pcie", 756.0),
     ("h100 nvl", 835.0),
     ("h100", 989.0),  # SXM, e.g. "NVIDIA H100 80GB HBM3"
-    ("h200", 989.0),  # H200 and GH200
+    ("h200 nvl", 835.0),
+    ("h200", 989.0),  # H200 SXM ("NVIDIA H200") and GH200 ("NVIDIA GH200 480GB")
     ("a100", 312.0),  # SXM and PCIe
 )
 _PEAK_DTYPES = (torch.bfloat16, torch.float16)

@@ -53,6 +53,11 @@ buffers, the backward's per-layer gradient temporaries, CUDA context, allocator 
 NCCL buffers.
 Transformer Engine layers (used on GPU when TE is installed) fuse the norms into the linear layers
 and save less: there the activation figure is an upper bound.
+Not yet modelled: under bf16 DeepSpeed accumulates the gradients in fp32
+(divprec.parallel.deepspeed_engine.deepspeed_config): ZeRO-1 holds an fp32 buffer of every gradient
+of the stage from the engine's build on and reduces it in place (no bucket, no flattened copy at
+the step), ZeRO-2 an fp32 gradient partition. The terms above are those of the fp32 paths, with
+the gradients at the parameter width.
 """
 
 from __future__ import annotations

@@ -3,12 +3,16 @@
 megatron-core's schedule owns microbatching and pipeline communication; DeepSpeed is told
 gradient_accumulation_steps = 1 (the schedule already scales each microbatch loss by
 1 / num_microbatches). How one step's accumulated gradients reach DeepSpeed (:class:`GradientSync`):
-- ZeRO-1: the schedule calls the bare model, gradients accumulate in ``param.grad``, and one
+- ZeRO-1: the schedule calls the bare model, gradients accumulate (in fp32, below), and one
   ``engine.allreduce_gradients()`` after the schedule reduces them over data parallel. This works
   with pipeline parallelism, where DeepSpeed's output hooks do not fire on every stage.
 - ZeRO-2 (never with pipeline parallelism): gradients are reduce-scattered by DeepSpeed's
   per-parameter hooks during backward; the schedule calls the engine and its ``no_sync_func``
   turns DeepSpeed's accumulation boundary off for every microbatch but the last.
+Under bf16 the sum over microbatches and the data-parallel reduction are fp32 (see
+:func:`deepspeed_config`): with ZeRO-1 DeepSpeed's BF16_Optimizer moves each microbatch's gradient
+out of ``param.grad`` into an fp32 buffer per parameter and all-reduces that buffer; with ZeRO-2
+each microbatch's gradient is reduce-scattered in fp32 and added to an fp32 gradient partition.
 """
 
 from __future__ import annotations
@@ -91,8 +95,15 @@ def deepspeed_config(
         "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": reduce_bucket_size},
         "zero_allow_untested_optimizer": True,  # torch's AdamW as the client optimizer
         # Skip a step whose gradients are not finite (explicit: under bf16, DeepSpeed before 0.17
-        # applied it).
-        "bf16": {"enabled": bf16, "check_grad_overflow": True},
+        # applied it). immediate_grad_update: under bf16 + ZeRO-1 (DeepSpeed's BF16_Optimizer) a
+        # hook adds each microbatch's bf16 gradient into the fp32 buffer as backward produces it;
+        # without it the buffer is filled only by engine.backward, which the schedule never calls.
+        "bf16": {"enabled": bf16, "check_grad_overflow": True, "immediate_grad_update": True},
+        # Gradients are accumulated over the microbatches and reduced over data parallel in fp32
+        # (DeepSpeed's default under bf16 is bf16 for both: terms under half a bf16 step of the
+        # running sum would be lost). No effect in fp32.
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
         "steps_per_print": 2**31 - 1,  # divprec's metrics callbacks report progress
         "wall_clock_breakdown": False,
     }
@@ -363,6 +374,11 @@ class GradientSync:
             self.engine.set_gradient_accumulation_boundary(True)
 
     def after_backward(self) -> None:
-        """After the schedule: reduce over data parallel (ZeRO-1: one all-reduce of the grads)."""
+        """After the schedule: reduce over data parallel (ZeRO-1: one all-reduce of the grads).
+
+        Under bf16, DeepSpeed's BF16_Optimizer holds one flat fp32 gradient buffer per parameter
+        group; a bucket of one element all-reduces each buffer in place, where a larger bucket
+        flattens them together into a copy of every gradient (fp32 ZeRO-1 ignores the size).
+        """
         if not self.reduce_in_backward:
-            self.engine.allreduce_gradients()
+            self.engine.allreduce_gradients(bucket_size=1)

@@ -192,7 +192,10 @@ def test_device_peak_tflops(monkeypatch):
     names = {
         "NVIDIA H100 80GB HBM3": 989.0,
         "NVIDIA H100 PCIe": 756.0,
+        "NVIDIA H100 NVL": 835.0,
         "NVIDIA H200": 989.0,
+        "NVIDIA H200 NVL": 835.0,  # not an H200 SXM
+        "NVIDIA GH200 480GB": 989.0,
         "NVIDIA A100-SXM4-80GB": 312.0,
         "NVIDIA A100-PCIE-40GB": 312.0,
         "NVIDIA GeForce RTX 4090": None,
