@@ -1,6 +1,27 @@
+"""Test tiers: the CPU tier runs on CPU deliberately, even on a GPU host; the GPU tier
+(``pytest -m gpu``, or DIVPREC_TEST_TIER=gpu) sees the GPUs.
+
+On a GPU host the CPU tier hides CUDA before anything imports torch: the trainer uses CUDA when it
+sees one, and the gloo tests spawned here would otherwise put every rank's tensors on cuda:0.
+tools/test.sh runs both tiers there, the CPU tier first.
+"""
+
 import os
 import sys
 
 # Tests import helpers (e.g. loss_reference) from this folder.
 sys.path.insert(0, os.path.dirname(__file__))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def gpu_tier(markexpr: str) -> bool:
+    """Whether a run selects the GPU tier (its marker expression is ``gpu``, or the tier is set)."""
+    return os.environ.get("DIVPREC_TEST_TIER") == "gpu" or markexpr.strip() == "gpu"
+
+
+def pytest_configure(config) -> None:
+    # Runs before any test module (and so torch) is imported.
+    if gpu_tier(config.getoption("markexpr") or ""):
+        os.environ.setdefault("DS_ACCELERATOR", "cuda")
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ["DS_ACCELERATOR"] = "cpu"
