@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -103,6 +103,22 @@ def refuse_non_finite(model: torch.nn.Module, engine, step: int) -> None:
         )
 
 
+def _spread_over_data_parallel():
+    """megatron-core's torch_dist save with the weights (replicated over data parallel) written by
+    the data-parallel ranks in turn, not all by the first: its writer stages a host copy of what a
+    rank writes, so each rank stages its partition and 1/dp of the weights. Collective: one
+    all-gather of the shards' metadata over the data-parallel group."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    return FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy(),
+        parallel_state.get_data_parallel_group(with_context_parallel=True),
+    )
+
+
 def save_checkpoint(
     root: Path,
     progress: Progress,
@@ -136,6 +152,7 @@ def save_checkpoint(
         request = dist_checkpointing.save(
             {"model": model_sd, "optimizer": optimizer_sd},
             str(tmp),
+            sharded_strategy=_spread_over_data_parallel(),
             async_sharded_save=async_queue is not None,
         )
         if rank == 0:  # after megatron-core's save (planning), which wants an empty directory
