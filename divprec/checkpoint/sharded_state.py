@@ -16,6 +16,7 @@ from any chunks), as a view of DeepSpeed's fp32 partition. Nothing is gathered o
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 
@@ -101,18 +102,22 @@ def _weight_pieces(
         return [(sharded, 0)]
     meta = torch.empty(param.shape, dtype=param.dtype, device="meta")
     built = sharded.build_fn(sharded.key, meta, sharded.replica_id, None)
-    pieces = []
-    for piece in nested_values(built):
-        if not isinstance(piece, ShardedTensor):
-            continue
-        view = piece.data
-        if view is None or not view.is_contiguous() or view.untyped_storage().nbytes() == 0:
-            raise NotImplementedError(
-                f"parameter {name}: its sharded-state factory does not save contiguous views of "
-                "the parameter, which the per-rank optimizer checkpoint needs"
-            )
-        pieces.append((piece, view.storage_offset()))
-    return pieces
+    built = [built] if isinstance(built, ShardedTensor) else nested_values(built)
+    pieces = [p for p in built if isinstance(p, ShardedTensor)]
+    ranges = sorted((p.data.storage_offset(), p.data.numel()) for p in pieces if p.data is not None)
+    views = all(
+        p.data is not None and (p.data is meta or p.data._base is meta) and p.data.is_contiguous()
+        for p in pieces
+    )
+    tiled = [start for start, _ in ranges] == list(
+        itertools.accumulate((n for _, n in ranges[:-1]), initial=0)
+    ) and sum(n for _, n in ranges) == meta.numel()
+    if not (views and tiled):
+        raise NotImplementedError(
+            f"parameter {name}: its sharded-state factory does not save contiguous views that "
+            "tile the parameter, which the per-rank optimizer checkpoint needs"
+        )
+    return [(p, p.data.storage_offset()) for p in pieces]
 
 
 def _main_over_data_parallel(replica_id) -> tuple[int, ...] | int:
@@ -168,6 +173,8 @@ def partition_sharded_state_dict(model: torch.nn.Module, model_sd: dict) -> dict
             continue
         fragment_start = mapping.lp_fragment_address.start
         for state in OPTIMIZER_STATES:
+            if state != "fp32_param" and state not in (mapping.optim_fragment or {}):
+                raise RuntimeError(f"DeepSpeed holds no {state} for parameter {name}")
             # detached: the fp32 partition is a leaf that requires grad; same storage
             fragment = mapping.get_hp_fragment(None if state == "fp32_param" else state).detach()
             if fragment.dtype != torch.float32 or fragment.dim() != 1:
