@@ -18,7 +18,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from divprec.interop.locate import CheckpointUnusable, inspect_checkpoint
+from divprec.checkpoint.locate import CheckpointUnusable
+from divprec.interop.locate import inspect_checkpoint
 from divprec.interop.safetensors_export import export_model
 
 EXIT_UNUSABLE = 2

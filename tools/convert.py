@@ -21,9 +21,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from divprec.checkpoint.locate import CheckpointUnusable
 from divprec.interop.hf_import import ImportUnusable
 from divprec.interop.hf_mapping import NotExpressible
-from divprec.interop.locate import CheckpointUnusable
 
 EXIT_UNUSABLE = 2
 

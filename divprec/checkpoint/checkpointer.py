@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.dict_utils import nested_values
 from torch.distributed.checkpoint.api import CheckpointException
 
 from divprec.checkpoint.layout import (
@@ -36,9 +37,9 @@ from divprec.checkpoint.layout import (
 )
 from divprec.checkpoint.sharded_state import (
     MODEL_PREFIX,
-    load_optimizer_state,
+    copy_loaded_partition,
     model_sharded_state_dict,
-    optimizer_sharded_state_dict,
+    partition_sharded_state_dict,
     set_adam_step,
 )
 
@@ -102,6 +103,22 @@ def refuse_non_finite(model: torch.nn.Module, engine, step: int) -> None:
         )
 
 
+def _spread_over_data_parallel():
+    """megatron-core's torch_dist save with the weights (replicated over data parallel) written by
+    the data-parallel ranks in turn, not all by the first: its writer stages a host copy of what a
+    rank writes, so each rank stages its partition and 1/dp of the weights. Collective: one
+    all-gather of the shards' metadata over the data-parallel group."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    return FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy(),
+        parallel_state.get_data_parallel_group(with_context_parallel=True),
+    )
+
+
 def save_checkpoint(
     root: Path,
     progress: Progress,
@@ -118,8 +135,8 @@ def save_checkpoint(
     ``async_queue``: a megatron-core AsyncCallsQueue: the files are written by a background process
     and the checkpoint is committed when the queue finalizes it (``latest`` moves only then);
     None: written and committed before returning.
-    Collectives: barriers; DeepSpeed's gathers of the optimizer state over data parallel;
-    megatron-core's distributed save (its planning, synchronously, in both modes).
+    Each rank writes its own ZeRO partition of the optimizer state, in place (no gather).
+    Collectives: barriers; megatron-core's distributed save (its planning, synchronously, in both modes).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     tmp = temp_dir(root, progress.step)
@@ -130,11 +147,12 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save of this step
             tmp.mkdir(parents=True)
     model_sd = model_sharded_state_dict(model)
-    optimizer_sd = optimizer_sharded_state_dict(model, model_sd, gather=True)
+    optimizer_sd = partition_sharded_state_dict(model, model_sd)
     with _phase(tmp, "write the model and optimizer shards"):
         request = dist_checkpointing.save(
             {"model": model_sd, "optimizer": optimizer_sd},
             str(tmp),
+            sharded_strategy=_spread_over_data_parallel(),
             async_sharded_save=async_queue is not None,
         )
         if rank == 0:  # after megatron-core's save (planning), which wants an empty directory
@@ -233,7 +251,6 @@ def _phase(tmp: Path, what: str) -> Iterator[None]:
 
 def _check_shapes(path: Path, model_sd: dict) -> None:
     """Fail with the first mismatched key before loading anything."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     saved = dist_checkpointing.load_tensors_metadata(str(path))
@@ -260,7 +277,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, engine, layout: dict) ->
     """Load ``path`` into the model and DeepSpeed's optimizer, resharding to this layout.
 
     RNG states are restored only when the layout is the one saved (they are per rank).
-    Collectives: megatron-core's distributed load; DeepSpeed's scatters of the optimizer state.
+    Each rank reads its own ZeRO partition of the optimizer state, in place.
+    Collectives: megatron-core's distributed load.
     """
     status = check_complete(path)
     if not status.complete:
@@ -268,12 +286,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, engine, layout: dict) ->
     metadata = read_metadata(path)
     model_sd = model_sharded_state_dict(model)
     _check_shapes(path, model_sd)
-    optimizer_sd = optimizer_sharded_state_dict(model, model_sd, gather=False)
+    optimizer_sd = partition_sharded_state_dict(model, model_sd)
+    targets = {
+        state: {name: [sharded.data for sharded in tensors] for name, tensors in by_name.items()}
+        for state, by_name in optimizer_sd.items()
+    }
     loaded = dist_checkpointing.load({"model": model_sd, "optimizer": optimizer_sd}, str(path))
     prefix = f"{MODEL_PREFIX}."
     weights = {k[len(prefix) :]: v for k, v in loaded["model"].items()}
     model.load_state_dict(weights, strict=False)
-    load_optimizer_state(model, model_sharded_state_dict(model), loaded["optimizer"])
+    copy_loaded_partition(targets, loaded["optimizer"])
     set_adam_step(engine.optimizer, metadata["step"])
     same_layout = (
         metadata.get("layout") == layout and metadata.get("world_size") == dist.get_world_size()

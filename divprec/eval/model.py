@@ -15,16 +15,9 @@ from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
-from omegaconf import OmegaConf
 
-from divprec.checkpoint.layout import (
-    CONFIG_FILE,
-    METADATA,
-    TOKENIZER_FILE,
-    check_complete,
-    read_metadata,
-    resolve_latest,
-)
+from divprec.checkpoint.layout import TOKENIZER_FILE, read_metadata
+from divprec.checkpoint.locate import load_run_config, resolve_checkpoint
 from divprec.config.schema import PretrainConfig
 from divprec.data.tokenizer import Tokenizer
 from divprec.parallel.distributed import ensure_world
@@ -109,44 +102,6 @@ def build_eval_model(
     return EvalModel(model=model, tokenizer=tokenizer, config=config, step=step)
 
 
-def _run_checkpoint_root(run_dir: Path) -> Path:
-    """A run directory's checkpoint root: its config's checkpoint.dir, else <run>/checkpoints."""
-    config = run_dir / CONFIG_FILE
-    if config.is_file():
-        custom = OmegaConf.select(OmegaConf.load(config), "checkpoint.dir")
-        if custom:
-            return Path(str(custom)).expanduser().resolve()
-    return run_dir / "checkpoints"
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory, given a step directory, a checkpoint root or a run directory (the
-    latest complete checkpoint of the last two)."""
-    path = Path(path).expanduser().resolve()
-    if (path / METADATA).is_file():
-        status = check_complete(path)
-        if not status.complete:
-            raise FileNotFoundError(f"checkpoint {path} is not usable: {status.reason}")
-        return path
-    roots = [path, _run_checkpoint_root(path)]
-    for root in roots:
-        latest = resolve_latest(root)
-        if latest is not None:
-            return latest
-    raise FileNotFoundError(
-        f"no complete checkpoint at {path} (looked for a step directory and for checkpoints "
-        f"under {' and '.join(str(r) for r in roots)})"
-    )
-
-
-def load_config(step_dir: Path) -> PretrainConfig:
-    """The checkpoint's resolved config.yaml, typed (checked against the current schema)."""
-    merged = OmegaConf.merge(
-        OmegaConf.structured(PretrainConfig), OmegaConf.load(step_dir / CONFIG_FILE)
-    )
-    return OmegaConf.to_object(merged)
-
-
 def _saved_vocab_rows(step_dir: Path) -> int:
     from megatron.core import dist_checkpointing
 
@@ -185,7 +140,7 @@ def load_eval_model(
     on CPU are slow).
     """
     step_dir = resolve_checkpoint(checkpoint)
-    config = load_config(step_dir)
+    config = load_run_config(step_dir)
     tokenizer = Tokenizer.from_file(step_dir / TOKENIZER_FILE)
     ensure_world(config.train.seed)
     em = build_eval_model(

@@ -17,14 +17,8 @@ from typing import Any
 import torch
 
 from divprec.checkpoint.layout import read_metadata
-from divprec.interop.locate import (
-    EMBEDDING_KEY,
-    MODEL,
-    CheckpointUnusable,
-    load_run_config,
-    resolve_checkpoint,
-    tensors_metadata,
-)
+from divprec.checkpoint.locate import CheckpointUnusable, load_run_config, resolve_checkpoint
+from divprec.interop.locate import EMBEDDING_KEY, MODEL, tensors_metadata
 
 
 @dataclass

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from divprec.checkpoint.layout import TOKENIZER_FILE
-from divprec.interop.locate import CheckpointUnusable, load_run_config, resolve_checkpoint
+from divprec.checkpoint.locate import CheckpointUnusable, load_run_config, resolve_checkpoint
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 INDEX_FILE = "model.safetensors.index.json"

@@ -172,7 +172,7 @@ def save_fresh_checkpoint(cfg, model, out: Path, tokenizer: Path, imported_from:
     tmp.mkdir(parents=True)
     try:
         model_sd = model_sharded_state_dict(model)
-        optimizer_sd = optimizer_sharded_state_dict(model, model_sd, gather=False)
+        optimizer_sd = optimizer_sharded_state_dict(model, model_sd)
         params = dict(model.named_parameters())
         for state, by_name in optimizer_sd.items():
             for name, sharded in by_name.items():

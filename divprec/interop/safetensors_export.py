@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from divprec.checkpoint.layout import CONFIG_FILE, TOKENIZER_FILE
-from divprec.interop.locate import resolve_checkpoint
+from divprec.checkpoint.locate import resolve_checkpoint
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 

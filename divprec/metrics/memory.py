@@ -11,6 +11,8 @@ objects and gloo's own buffers are not tensors and are not counted.
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,46 @@ def live_tensor_bytes() -> int:
         if pointer:
             storages[pointer] = max(storages.get(pointer, 0), storage.nbytes())
     return sum(storages.values())
+
+
+class AllocationPeak:
+    """The high-water mark of torch's CPU allocations minus frees within a window (bytes): how
+    much more tensor memory the window needed at its worst than at its start. Use
+    :func:`allocation_peak`."""
+
+    def __init__(self) -> None:
+        self.peak_increase_bytes = 0
+        self.end_increase_bytes = 0
+        self._profiler = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        )
+
+    def start(self) -> None:
+        self._profiler.__enter__()
+
+    def stop(self) -> None:
+        self._profiler.__exit__(None, None, None)
+        changes = sorted(
+            (event.start_ns(), event.nbytes())
+            for event in self._profiler.profiler.kineto_results.events()
+            if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+        )
+        total = peak = 0
+        for _, nbytes in changes:
+            total += nbytes
+            peak = max(peak, total)
+        self.peak_increase_bytes, self.end_increase_bytes = peak, total
+
+
+@contextmanager
+def allocation_peak() -> Iterator[AllocationPeak]:
+    """``with allocation_peak() as peak: ...``; then ``peak.peak_increase_bytes``."""
+    probe = AllocationPeak()
+    probe.start()
+    try:
+        yield probe
+    finally:
+        probe.stop()
 
 
 @dataclass
@@ -59,32 +101,20 @@ class PeakTensorMemory(Callback):
             raise ValueError("PeakTensorMemory measures a step after the first (step >= 2)")
         self.step = step
         self.result: StepMemory | None = None
-        self._profiler: torch.profiler.profile | None = None
+        self._probe: AllocationPeak | None = None
         self._start = 0
 
     def on_step_end(self, state: TrainState, metrics: dict[str, float] | None) -> None:
         if state.step == self.step - 1:
             self._start = live_tensor_bytes()
-            self._profiler = torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-            )
-            self._profiler.__enter__()
-        elif state.step == self.step and self._profiler is not None:
-            self._profiler.__exit__(None, None, None)
-            changes = sorted(
-                (event.start_ns(), event.nbytes())
-                for event in self._profiler.profiler.kineto_results.events()
-                if event.name() == "[memory]"
-                and event.device_type() == torch.autograd.DeviceType.CPU
-            )
-            self._profiler = None
-            total = peak = 0
-            for _, nbytes in changes:
-                total += nbytes
-                peak = max(peak, total)
+            self._probe = AllocationPeak()
+            self._probe.start()
+        elif state.step == self.step and self._probe is not None:
+            self._probe.stop()
+            peak, self._probe = self._probe.peak_increase_bytes, None
             self.result = StepMemory(self._start, peak, live_tensor_bytes())
 
     def on_train_end(self, state: TrainState) -> None:
-        if self._profiler is not None:  # training stopped inside the window
-            self._profiler.__exit__(None, None, None)
-            self._profiler = None
+        if self._probe is not None:  # training stopped inside the window
+            self._probe.stop()
+            self._probe = None

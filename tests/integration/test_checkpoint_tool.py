@@ -6,38 +6,22 @@ import json
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from toy_model import tiny_run
+from shared_runs import STEP, train
 
-from divprec.config.compose import compose_config
 from divprec.parallel.spawn import run_in_processes
 
 pytestmark = pytest.mark.slow
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "checkpoint.py"
-STEP = "step_0000002"
-BASE = tiny_run(
-    "train.steps=2",
-    # Adam divides by sqrt(v) + eps: with the default eps a weight whose gradient is ~1e-8 moves
-    # by ~lr on float noise, so layouts would differ by 1e-4 in a few elements. A larger eps keeps
-    # the update proportional to the gradient and the layouts' weights equal to ~1e-6.
-    "optim.adam_eps=1e-3",
-)
 # Checkpoint keys stack the layers on dim 0 and name the norms as Transformer Engine fuses them.
 CHECKPOINT_TO_MODEL = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
-
-
-def _train(rank: int, world: int, overrides: list[str], run_dir: str) -> None:
-    from divprec.train.trainer import pretrain
-
-    pretrain(compose_config([*BASE, *overrides, f"run.dir={run_dir}"]))
 
 
 def _tool(*args: object) -> subprocess.CompletedProcess:
@@ -47,13 +31,13 @@ def _tool(*args: object) -> subprocess.CompletedProcess:
 
 
 def _check_exports(rank: int, world: int, single: str, tp2: str, out: str) -> dict:
-    """In a fresh process: export the tp2 checkpoint (fp32) and the single one (bf16), then
+    """In a fresh process: export the tp2 x pp2 checkpoint (fp32) and the single one (bf16), then
     compare logits of the single checkpoint loaded directly with those of its export."""
     from megatron.core import dist_checkpointing
     from safetensors.torch import load_file
 
+    from divprec.checkpoint.locate import load_run_config
     from divprec.interop.full_model import build_full_model
-    from divprec.interop.locate import load_run_config
     from divprec.interop.safetensors_export import export_model
     from divprec.parallel.distributed import single_process_world
 
@@ -87,14 +71,13 @@ def _check_exports(rank: int, world: int, single: str, tp2: str, out: str) -> di
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(tmp_path_factory, tiny_tp2_pp2_run) -> dict[str, Path]:
+    """The single-process run and the session's shared tensor 2 x pipeline 2 run of the same
+    config (tests/shared_runs.py), trained at once: their start-up is mostly one core's work each."""
     base = tmp_path_factory.mktemp("checkpoint_tool")
-    # Both trainings at once: their start-up (imports, data) is mostly one core's work each.
-    with ThreadPoolExecutor(2) as pool:
-        single = pool.submit(run_in_processes, _train, 1, [], str(base / "single"))
-        tp2 = pool.submit(run_in_processes, _train, 2, ["parallel.tensor=2"], str(base / "tp2"))
-        single.result(), tp2.result()
-    return {"single": base / "single", "tp2": base / "tp2", "out": base / "exports"}
+    tiny_tp2_pp2_run.start()
+    run_in_processes(train, 1, [], str(base / "single"))
+    return {"single": base / "single", "tp2": tiny_tp2_pp2_run.result(), "out": base / "exports"}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +95,7 @@ def test_inspect_reports_step_layout_and_shapes(runs):
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout)
     assert info["path"].endswith(f"checkpoints/{STEP}") and info["complete"]
-    assert (info["step"], info["consumed_samples"]) == (2, 16)
+    assert (info["step"], info["consumed_samples"]) == (1, 8)
     assert info["layout"]["tensor"] == 1 and info["world_size"] == 1
     assert info["config"]["model"]["name"] == "tiny" and info["config"]["loss"]["beta"] == 0.0
     model = info["tensors"]["model"]
@@ -132,8 +115,8 @@ def test_inspect_reports_step_layout_and_shapes(runs):
     text = _tool("inspect", runs["tp2"] / "checkpoints")  # a checkpoint root: resolves latest
     assert text.returncode == 0, text.stderr
     assert f"checkpoint {runs['tp2'] / 'checkpoints' / STEP}" in text.stdout
-    assert "step 2, consumed samples 16" in text.stdout
-    assert "tensor 2, pipeline 1" in text.stdout
+    assert "step 1, consumed samples 8" in text.stdout
+    assert "tensor 2, pipeline 2" in text.stdout
     assert f"parameters: {expected:,}" in text.stdout  # the global shapes, not a shard's
     assert "[4, 768, 128]" in text.stdout
 
@@ -167,10 +150,10 @@ def test_export_is_self_contained(runs, exports):
     from safetensors import safe_open
 
     out = runs["out"]
-    assert "exported step 2" in exports["cli_stdout"]
+    assert "exported step 1" in exports["cli_stdout"]
     with safe_open(str(out / "single.safetensors"), "pt") as f:
         meta = f.metadata()
-    assert meta["step"] == "2" and meta["consumed_samples"] == "16"
+    assert meta["step"] == "1" and meta["consumed_samples"] == "8"
     assert json.loads(meta["config"])["model"]["name"] == "tiny"
     assert json.loads(meta["saved_layout"])["tensor"] == 1
     ckpt = runs["single"] / "checkpoints" / STEP
@@ -195,6 +178,7 @@ def test_tensor_parallel_export_matches_single_process_export(runs, exports):
     single = load_file(str(runs["out"] / "single.safetensors"))
     tp2 = load_file(str(runs["out"] / "tp2.safetensors"))
     assert exports["summaries"]["tp2"]["saved_layout"]["tensor"] == 2
+    assert exports["summaries"]["tp2"]["saved_layout"]["pipeline"] == 2
     assert sorted(single) == sorted(tp2)
     assert "decoder.layers.0.mlp.linear_fc1.weight" in single  # [gate; up], as at tp=1
     for key in single:

@@ -2,9 +2,11 @@
 round trips both ways, bf16, continued pre-training of an import, and lm-evaluation-harness.
 
 One pair of checkpoints (tiny and moe_tiny, trained 1 step at tensor 2 x pipeline 2) serves every
-test. They train with a small learning rate, so that greedy generations are not one repeated
-token, and moe_tiny with a fast expert-bias update, so that the bias changes the routing; its
-vocabulary is padded (model.make_vocab_size_divisible_by) so that the export drops rows.
+test: the tiny one is the session's shared run (tests/shared_runs.py, also read by
+test_checkpoint_tool.py). They train with a small learning rate, so that greedy generations are
+not one repeated token, and moe_tiny with a fast expert-bias update, so that the bias changes the
+routing; its vocabulary is padded (model.make_vocab_size_divisible_by) so that the export drops
+rows.
 Nothing here touches the network (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE).
 """
 
@@ -24,30 +26,18 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from divprec.config.compose import compose_config  # noqa: E402
+from shared_runs import OFFLINE, STEP, TP2_PP2  # noqa: E402
+from shared_runs import train as _train  # noqa: E402
+
 from divprec.parallel.spawn import run_in_processes  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 CONVERT = ROOT / "tools" / "convert.py"
-STEP = "step_0000001"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-BASE = [
-    "train.steps=1",
-    "train.seq_length=64",
-    "train.global_batch_size=8",
-    "train.micro_batch_size=2",
-    "optim.warmup_steps=1",
-    "optim.lr=3e-5",
-    "optim.final_lr=3e-6",
-    "optim.adam_eps=1e-3",  # see tests/integration/test_checkpoint_tool.py
-    "logging.wandb.mode=disabled",
-    "logging.progress=false",
-]
-LAYOUT = ["parallel.tensor=2", "parallel.pipeline=2"]
+LAYOUT = TP2_PP2
 MODELS = {
-    "tiny": ["model=tiny"],
+    "tiny": ["model=tiny"],  # the session's shared run (tests/conftest.py's tiny_tp2_pp2_run)
     "moe_tiny": [
         "model=moe_tiny",
         "parallel.sequence_parallel=true",  # MoE under tensor parallel (megatron-core)
@@ -58,13 +48,6 @@ MODELS = {
 SEQ = 64
 BATCH = 4
 NEW_TOKENS = 32
-
-
-def _train(rank: int, world: int, overrides: list[str], run_dir: str) -> list[dict]:
-    from divprec.train.trainer import pretrain
-
-    os.environ.update(OFFLINE)
-    return pretrain(compose_config([*BASE, *overrides, f"run.dir={run_dir}"])).history
 
 
 def _convert(*args: object) -> subprocess.CompletedProcess:
@@ -140,16 +123,11 @@ def _compare(rank: int, world: int, run_dir: str, exports: dict[str, str]) -> di
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(tmp_path_factory, tiny_tp2_pp2_run) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("hf_interop")
-    with ThreadPoolExecutor(2) as pool:
-        jobs = [
-            pool.submit(run_in_processes, _train, 4, [*LAYOUT, *ov], str(base / name))
-            for name, ov in MODELS.items()
-        ]
-        for job in jobs:
-            job.result()
-    return {"base": base, **{name: base / name for name in MODELS}}
+    tiny_tp2_pp2_run.start()  # the session's shared tiny run (tests/shared_runs.py), meanwhile:
+    run_in_processes(_train, 4, [*LAYOUT, *MODELS["moe_tiny"]], str(base / "moe_tiny"))
+    return {"base": base, "tiny": tiny_tp2_pp2_run.result(), "moe_tiny": base / "moe_tiny"}
 
 
 def _export_and_compare(rank: int, world: int, runs: dict[str, str], exports: dict) -> dict:
