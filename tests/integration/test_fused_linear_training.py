@@ -1,5 +1,6 @@
 """Training with loss.fused_linear=true computes the same steps as megatron-core's output layer +
-the shaped loss (one process; untied and tied embeddings)."""
+the shaped loss: at one process (untied and tied embeddings), and at TP2 with sequence
+parallelism and tied embeddings."""
 
 from __future__ import annotations
 
@@ -47,8 +48,13 @@ def _train_all(rank: int, world: int, run_dir: str) -> dict:
     return out
 
 
-def test_fused_linear_training_equals_unfused(tmp_path):
-    (runs,) = run_in_processes(_train_all, 1, str(tmp_path))
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    (out,) = run_in_processes(_train_all, 1, str(tmp_path_factory.mktemp("single")))
+    return out
+
+
+def test_fused_linear_training_equals_unfused(runs):
     for tied in ("", "tied_"):
         reference, unfused_calls = runs[f"{tied}unfused"]
         history, fused_calls = runs[f"{tied}fused"]
@@ -59,3 +65,22 @@ def test_fused_linear_training_equals_unfused(tmp_path):
             for key in ("lm_loss", "loss", "entropy", "topk_mass", "grad_norm"):
                 assert math.isclose(ours[key], ref[key], rel_tol=1e-5), (tied, ours["step"], key)
         assert history[-1]["lm_loss"] < history[0]["lm_loss"]
+
+
+def _train(rank: int, world: int, overrides: list[str], run_dir: str) -> list[dict]:
+    from divprec.train.trainer import pretrain
+
+    cfg = compose_config([*BASE, *overrides, f"run.dir={run_dir}"])
+    validate(cfg, world)
+    return pretrain(cfg).history
+
+
+def test_fused_linear_at_tp2_sequence_parallel_tied_equals_one_process(runs, tmp_path):
+    overrides = ["parallel.tensor=2", "parallel.sequence_parallel=true"]
+    overrides += ["model.tie_embeddings=true", *FUSED]
+    histories = run_in_processes(_train, 2, overrides, str(tmp_path))
+    reference, _ = runs["tied_unfused"]
+    for ours, ref in zip(histories[0], reference, strict=True):
+        for key in ("lm_loss", "loss", "entropy", "topk_mass", "grad_norm"):
+            # as tests/integration/test_pretrain_layouts.py: another layout, other roundings
+            assert math.isclose(ours[key], ref[key], rel_tol=1e-4), (ours["step"], key)
