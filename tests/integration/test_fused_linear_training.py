@@ -1,6 +1,6 @@
 """Training with loss.fused_linear=true computes the same steps as megatron-core's output layer +
-the shaped loss: at one process (untied and tied embeddings), and at TP2 with sequence
-parallelism and tied embeddings."""
+the shaped loss: at one process (untied and tied embeddings), and at TP2 x PP2 with sequence
+parallelism."""
 
 from __future__ import annotations
 
@@ -75,11 +75,10 @@ def _train(rank: int, world: int, overrides: list[str], run_dir: str) -> list[di
     return pretrain(cfg).history
 
 
-def test_fused_linear_at_tp2_sequence_parallel_tied_equals_one_process(runs, tmp_path):
-    overrides = ["parallel.tensor=2", "parallel.sequence_parallel=true"]
-    overrides += ["model.tie_embeddings=true", *FUSED]
-    histories = run_in_processes(_train, 2, overrides, str(tmp_path))
-    reference, _ = runs["tied_unfused"]
+def test_fused_linear_at_tp2_pp2_sequence_parallel_equals_one_process(runs, tmp_path):
+    overrides = ["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true"]
+    histories = run_in_processes(_train, 4, [*overrides, *FUSED], str(tmp_path))
+    reference, _ = runs["unfused"]
     for ours, ref in zip(histories[0], reference, strict=True):
         for key in ("lm_loss", "loss", "entropy", "topk_mass", "grad_norm"):
             # as tests/integration/test_pretrain_layouts.py: another layout, other roundings
