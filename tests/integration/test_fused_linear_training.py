@@ -1,5 +1,5 @@
 """Training with loss.fused_linear=true computes the same steps as megatron-core's output layer +
-the shaped loss: at one process (untied and tied embeddings), and at TP2 x PP2 with sequence
+the shaped loss: at one process (untied and tied embeddings, MoE), and at TP2 x PP2 with sequence
 parallelism."""
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ RUNS = {
     "fused": FUSED,
     "tied_unfused": ["model.tie_embeddings=true"],
     "tied_fused": ["model.tie_embeddings=true", *FUSED],
+    "moe_unfused": ["model=moe_tiny"],
+    "moe_fused": ["model=moe_tiny", *FUSED],
 }
 
 
@@ -55,15 +57,15 @@ def runs(tmp_path_factory) -> dict:
 
 
 def test_fused_linear_training_equals_unfused(runs):
-    for tied in ("", "tied_"):
-        reference, unfused_calls = runs[f"{tied}unfused"]
-        history, fused_calls = runs[f"{tied}fused"]
+    for variant in ("", "tied_", "moe_"):
+        reference, unfused_calls = runs[f"{variant}unfused"]
+        history, fused_calls = runs[f"{variant}fused"]
         # 4 micro-batches a step, 3 steps: every loss went through the fused path, or none.
-        assert (unfused_calls, fused_calls) == (0, 12), tied
+        assert (unfused_calls, fused_calls) == (0, 12), variant
         assert [m["step"] for m in history] == [1, 2, 3]
         for ours, ref in zip(history, reference, strict=True):
             for key in ("lm_loss", "loss", "entropy", "topk_mass", "grad_norm"):
-                assert math.isclose(ours[key], ref[key], rel_tol=1e-5), (tied, ours["step"], key)
+                assert math.isclose(ours[key], ref[key], rel_tol=1e-5), (variant, ours["step"], key)
         assert history[-1]["lm_loss"] < history[0]["lm_loss"]
 
 
