@@ -30,7 +30,7 @@ class ShapedLossConfig:
       Evaluation and sampling still get plain logits.
     - ``fused_chunk_tokens``: tokens per chunk of the fused output layer + loss
       (divprec.loss.fused_linear): the logits exist one chunk at a time. 0 (the default): as many
-      tokens as fit a budget of 128 MiB of fp32 logits per rank (220 at a shard of 151936).
+      tokens as fit a budget of 192 MiB of fp32 logits per rank (331 at a shard of 151936).
 
     beta = 0 with both negative rewards 0 is exactly cross-entropy.
     """
