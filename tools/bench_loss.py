@@ -5,6 +5,8 @@
     python tools/bench_loss.py --cases 'v32768-t4096-k100-tp1-*' --threads 1 --repeats 5
     python tools/bench_loss.py --device cuda --dtype bf16 --tp 1     # on a GPU
     python tools/bench_loss.py --quick --steps                       # and each step's time
+    python tools/bench_loss.py --fused --vocab 151936 --tokens 4096 --topk 100 --tp 1 \
+        --configs paper --repeats 3                                  # the fused output layer
 
 (Step 1's top-k threshold methods alone: tools/bench_threshold.py.)
 
@@ -40,6 +42,17 @@ average and the memory method. Skipped cases carry ``skipped`` (the reason) and 
 With ``--steps``, ``shaped_steps_ms``: the median ms of each step of the shaped loss
 (divprec.loss.step_times: each step between device syncs, a collective with its wait), from
 ``repeats`` more calls after the timed ones; null without.
+
+``--fused`` measures the output layer with the loss instead (bench/fused_calls.py): hidden
+[tokens, h] (``--hidden``) and this rank's weight [vocab/tp, h] in, the gradients of both out.
+divprec's ``fused_linear_shaped_loss`` (logits in chunks of ``--chunk-tokens`` tokens, 0: its
+default from the memory budget) against megatron-core's output-layer matmul
+(``linear_with_grad_accumulation_and_async_allreduce``) + ``vocab_parallel_cross_entropy``,
+in the same run. Memory there is the peak above the inputs (``peak_bytes``), and that peak less
+the two gradients both paths return (``loss_peak_bytes``: the logits, their gradient and the
+loss's temporaries). JSON keys: fused_ms, linear_ce_ms, time_ratio, fused_peak_bytes,
+linear_ce_peak_bytes, memory_ratio, fused_loss_peak_bytes, linear_ce_loss_peak_bytes,
+loss_memory_ratio, hidden, chunk_tokens (as resolved), and the case's settings.
 """
 
 from __future__ import annotations
@@ -60,7 +73,7 @@ for path in (REPO, TOOLS):  # divprec from this checkout; the bench package (spa
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from bench import common, loss_calls, memory  # noqa: E402
+from bench import common, fused_calls, loss_calls, memory  # noqa: E402
 from bench.loss_calls import CONFIGS  # noqa: E402
 
 
@@ -223,6 +236,132 @@ def _run_group(g: Group, args) -> list[dict]:
     return records
 
 
+def _fused_bytes(g: Group, hidden: int) -> int:
+    """Bytes the unfused baseline keeps alive at its peak, all ranks together: the inputs,
+    the logits and the two gradients."""
+    size = common.DTYPES[g.dtype].itemsize
+    return (g.tokens * g.vocab + 2 * (g.vocab + g.tp * g.tokens) * hidden) * max(size, 4)
+
+
+def _run_fused_group(g: Group, args) -> list[dict]:
+    """Measure the fused output layer + loss of one group against megatron-core's."""
+    from divprec.loss import ShapedLossConfig
+    from divprec.loss.fused_linear import fused_chunk_tokens
+
+    chunk = fused_chunk_tokens(
+        ShapedLossConfig(fused_chunk_tokens=args.chunk_tokens), g.vocab // g.tp
+    )
+    budget = args.memory_fraction * memory.available_bytes(args.device)
+    need = _fused_bytes(g, args.hidden) + 512 * 2**20 * g.tp
+    variants = [v for v in g.variants if v.topk <= g.vocab]
+    if g.vocab % g.tp or need > budget or not variants:
+        reason = (
+            f"vocab {g.vocab} not divisible by tp {g.tp}"
+            if g.vocab % g.tp
+            else f"needs ~{need / 2**30:.1f} GiB, {budget / 2**30:.1f} GiB usable"
+            if need > budget
+            else "topk > vocab"
+        )
+        print(f"  skip fused v{g.vocab}-t{g.tokens}-tp{g.tp}: {reason}", flush=True)
+        return [_fused_record(g, v, args, chunk, None, None, reason) for v in g.variants]
+    keys = [fused_calls.fused_key(v.topk, v.config) for v in variants]
+    spec = {
+        "vocab": g.vocab,
+        "tokens": g.tokens,
+        "hidden": args.hidden,
+        "dtype": g.dtype,
+        "device": args.device,
+        "threads": args.threads,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "memory": "none" if args.memory == "none" else "alloc",
+        "functions": ["linear_ce", *keys],
+        "kernel": args.kernel,
+        "chunk_tokens": args.chunk_tokens,
+    }
+    from divprec.parallel.spawn import run_in_processes
+
+    load_before = common.load_avg()
+    t0 = time.perf_counter()
+    if g.tp == 1:
+        from divprec.parallel.distributed import single_process_world
+
+        with single_process_world():
+            result = fused_calls.measure(0, 1, spec)
+    else:
+        backend = "nccl" if args.device == "cuda" else "gloo"
+        result = run_in_processes(
+            fused_calls.measure, g.tp, spec, backend=backend, timeout_s=args.timeout
+        )[0]
+    meta = {
+        "load_avg_before": load_before,
+        "load_avg_after": common.load_avg(),
+        "group_seconds": time.perf_counter() - t0,
+    }
+    return [
+        _fused_record(g, v, args, chunk, result[k], result["linear_ce"], None, meta)
+        for v, k in zip(variants, keys, strict=True)
+    ]
+
+
+def _fused_record(g, v, args, chunk, fused, baseline, skipped, meta=None) -> dict:
+    rec = {
+        "case": f"fused-v{g.vocab}-t{g.tokens}-h{args.hidden}-k{v.topk}-tp{g.tp}-{g.dtype}-"
+        f"{v.config}",
+        "path": "fused",
+        "vocab": g.vocab,
+        "tokens": g.tokens,
+        "hidden": args.hidden,
+        "topk": v.topk,
+        "tp": g.tp,
+        "device": args.device,
+        "dtype": g.dtype,
+        "config": v.config,
+        **CONFIGS[v.config],
+        "chunk_tokens": chunk,
+        "threads": (args.threads or torch.get_num_threads()) if g.tp == 1 else 1,
+        "repeats": args.repeats,
+        "kernel": args.kernel,
+        "skipped": skipped,
+    }
+    keys = (
+        "fused_ms",
+        "linear_ce_ms",
+        "time_ratio",
+        "fused_peak_bytes",
+        "linear_ce_peak_bytes",
+        "memory_ratio",
+        "fused_loss_peak_bytes",
+        "linear_ce_loss_peak_bytes",
+        "loss_memory_ratio",
+    )
+    rec.update(dict.fromkeys(keys))
+    if fused is None:
+        return rec
+    f_ms, b_ms = statistics.median(fused["wall"]) * 1e3, statistics.median(baseline["wall"]) * 1e3
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    rec.update(
+        fused_ms=f_ms,
+        linear_ce_ms=b_ms,
+        time_ratio=f_ms / b_ms,
+        fused_ms_all=[t * 1e3 for t in fused["wall"]],
+        linear_ce_ms_all=[t * 1e3 for t in baseline["wall"]],
+        fused_cpu_ms=statistics.median(fused["cpu"]) * 1e3,
+        linear_ce_cpu_ms=statistics.median(baseline["cpu"]) * 1e3,
+        fused_peak_bytes=fused["peak"],
+        linear_ce_peak_bytes=baseline["peak"],
+        memory_ratio=ratio(fused["peak"], baseline["peak"]),
+        fused_loss_peak_bytes=fused["loss_peak"],
+        linear_ce_loss_peak_bytes=baseline["loss_peak"],
+        loss_memory_ratio=ratio(fused["loss_peak"], baseline["loss_peak"]),
+        **(meta or {}),
+    )
+    return rec
+
+
 def _record(g, v, args, shaped, megatron, skipped, meta=None) -> dict:
     rec = {
         "case": g.case_name(v),
@@ -295,6 +434,12 @@ def _fmt(x, spec) -> str:
 
 
 def print_table(records: list[dict]) -> None:
+    fused = [r for r in records if r.get("path") == "fused"]
+    if fused:
+        print_fused_table(fused)
+    records = [r for r in records if r.get("path") != "fused"]
+    if not records:
+        return
     head = (
         f"{'case':48s} {'shaped ms':>10s} {'CE ms':>10s} {'time x':>7s} {'cpu x':>6s} "
         f"{'shaped mem':>11s} {'CE mem':>10s} {'mem x':>6s}"
@@ -315,6 +460,30 @@ def print_table(records: list[dict]) -> None:
         if r.get("shaped_steps_ms"):
             steps = ", ".join(f"{name} {ms:.1f}" for name, ms in r["shaped_steps_ms"].items())
             print(f"steps of {r['case']} (ms): {steps}")
+
+
+def print_fused_table(records: list[dict]) -> None:
+    head = (
+        f"{'case':48s} {'fused ms':>10s} {'lin+CE ms':>10s} {'time x':>7s} {'fused mem':>10s} "
+        f"{'lin+CE mem':>10s} {'mem x':>6s} {'loss mem':>9s} {'lin+CE':>8s} {'loss x':>7s}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in records:
+        if r["skipped"]:
+            print(f"{r['case']:48s} skipped: {r['skipped']}")
+            continue
+        print(
+            f"{r['case']:48s} {_fmt(r['fused_ms'], '10.1f')} {_fmt(r['linear_ce_ms'], '10.1f')} "
+            f"{_fmt(r['time_ratio'], '7.3f')} {_fmt_bytes(r['fused_peak_bytes']):>10s} "
+            f"{_fmt_bytes(r['linear_ce_peak_bytes']):>10s} {_fmt(r['memory_ratio'], '6.3f')} "
+            f"{_fmt_bytes(r['fused_loss_peak_bytes']):>9s} "
+            f"{_fmt_bytes(r['linear_ce_loss_peak_bytes']):>8s} "
+            f"{_fmt(r['loss_memory_ratio'], '7.3f')}"
+        )
+    print(
+        "(mem: peak above the inputs; loss mem: that peak less the gradients of hidden and weight)"
+    )
 
 
 def parse_args(argv=None):
@@ -359,6 +528,19 @@ def parse_args(argv=None):
         action="store_true",
         help="also time each step of the shaped loss (divprec.loss.step_times), in extra calls",
     )
+    p.add_argument(
+        "--fused",
+        action="store_true",
+        help="measure fused_linear_shaped_loss against megatron-core's output-layer matmul + "
+        "vocab_parallel_cross_entropy instead (hidden [tokens, --hidden] and the weight as inputs)",
+    )
+    p.add_argument("--hidden", type=int, default=1536, help="hidden size h (--fused)")
+    p.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=0,
+        help="loss.fused_chunk_tokens (--fused); 0: the default from the memory budget",
+    )
     p.add_argument("--json", default=None, help="write the case records here")
     p.add_argument(
         "--impl",
@@ -371,6 +553,8 @@ def parse_args(argv=None):
     if args.quick:
         args.vocab, args.tokens, args.topk, args.tp = [32768], [1024], [100], [1]
         args.repeats = min(args.repeats, 3)
+    if args.fused:
+        args.inplace = "on"  # one variant per topk and config (the fused path has no choice)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device")
     return args
@@ -389,10 +573,11 @@ def main(argv=None) -> int:
         for g in _plan(args):
             print(
                 f"group vocab={g.vocab} tokens={g.tokens} tp={g.tp} {g.dtype}: "
-                f"{len(g.variants)} shaped variant(s) + megatron CE",
+                f"{len(g.variants)} {'fused' if args.fused else 'shaped'} variant(s) + megatron "
+                + ("linear + CE" if args.fused else "CE"),
                 flush=True,
             )
-            records.extend(_run_group(g, args))
+            records.extend(_run_fused_group(g, args) if args.fused else _run_group(g, args))
             if args.json:  # after every group: a long run keeps what it measured
                 common.write_json(args.json, records, info)
     finally:

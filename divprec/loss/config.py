@@ -25,6 +25,12 @@ class ShapedLossConfig:
       or "auto" (compiled for calls of at least 2^22 logits per shard, where fusion pays for the
       seconds of compilation, else eager; compiled falls back to eager with a warning when
       compilation fails).
+    - ``fused_linear``: the model computes its output layer's matmul and this loss together
+      (divprec.loss.fused_linear): in training the vocab-parallel logits never exist whole.
+      Evaluation and sampling still get plain logits.
+    - ``fused_chunk_tokens``: tokens per chunk of the fused output layer + loss
+      (divprec.loss.fused_linear): the logits exist one chunk at a time. 0 (the default): as many
+      tokens as fit a budget of 192 MiB of fp32 logits per rank (331 at a shard of 151936).
 
     beta = 0 with both negative rewards 0 is exactly cross-entropy.
     """
@@ -35,6 +41,8 @@ class ShapedLossConfig:
     tail_negative_reward: float = 0.0
     positive_form: str = "power"
     kernel: str = "auto"
+    fused_linear: bool = False
+    fused_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("beta", "topk_negative_reward", "tail_negative_reward"):
@@ -51,7 +59,17 @@ class ShapedLossConfig:
                 f"loss.positive_form must be one of {', '.join(POSITIVE_FORMS)}, "
                 f"got {self.positive_form!r}"
             )
-
+        if not isinstance(self.fused_linear, bool):
+            raise ValueError(f"loss.fused_linear must be true or false, got {self.fused_linear!r}")
+        if (
+            isinstance(self.fused_chunk_tokens, bool)
+            or not isinstance(self.fused_chunk_tokens, int)
+            or self.fused_chunk_tokens < 0
+        ):
+            raise ValueError(
+                "loss.fused_chunk_tokens must be an integer >= 0 (0: from the memory budget), "
+                f"got {self.fused_chunk_tokens!r}"
+            )
         if self.kernel not in KERNELS:
             raise ValueError(
                 f"loss.kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}"

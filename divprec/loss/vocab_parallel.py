@@ -219,7 +219,8 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
         return grad.view(ctx.input_shape), None, None, None, None
 
 
-def _default_tp_group() -> dist.ProcessGroup | None:
+def default_tp_group() -> dist.ProcessGroup | None:
+    """megatron-core's tensor-parallel group when it is initialised, else None."""
     try:
         from megatron.core import parallel_state
     except ImportError:  # pragma: no cover - megatron-core is a dependency
@@ -266,7 +267,7 @@ def vocab_parallel_shaped_loss(
     (the ranks agree on it). Backward: none.
     """
     if tp_group is None:
-        tp_group = _default_tp_group()
+        tp_group = default_tp_group()
     if tp_group is not None and dist.get_world_size(tp_group) == 1:
         tp_group = None
     if target.dtype not in (torch.int64, torch.int32):

@@ -61,7 +61,9 @@ def make_forward_step(
         tokens = batch["tokens"].to(device, non_blocking=True)  # [b, s]
         labels = batch["labels"].to(device, non_blocking=True)  # [b, s]
         position_ids = batch["position_ids"].to(device, non_blocking=True)  # [b, s]
-        output = model(tokens, position_ids, None, labels=labels)  # last stage: [b, s, 6]
+        # loss_mask: the fused output layer computes its gradients for it (loss.fused_linear)
+        loss_mask = batch["loss_mask"].to(device, non_blocking=True)  # [b, s]
+        output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)  # [b, s, 6]
         return output, partial(loss_func, batch["loss_mask"], stat_sums, token_scale)
 
     return forward_step

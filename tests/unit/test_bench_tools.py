@@ -80,6 +80,30 @@ def test_bench_loss_json(tmp_path):
             assert r["shaped_peak_bytes"] >= 2 * inputs
 
 
+def test_bench_loss_fused_json(tmp_path):
+    out = tmp_path / "fused.json"
+    bench = _load("bench_loss")
+    args = ["--fused", "--vocab", "512", "--tokens", "256", "--hidden", "32", "--topk", "100"]
+    assert (
+        bench.main(
+            [*args, "--tp", "1", "--chunk-tokens", "8", "--repeats", "1", "--json", str(out)]
+        )
+        == 0
+    )
+    records = json.loads(out.read_text())
+    assert {(r["config"], r["chunk_tokens"], r["path"]) for r in records} == {
+        ("paper", 8, "fused"),
+        ("ce", 8, "fused"),
+    }
+    for r in records:
+        assert r["skipped"] is None
+        for key in ("fused_ms", "linear_ce_ms", "time_ratio", "memory_ratio", "loss_memory_ratio"):
+            assert _positive(r[key]), (key, r[key])
+        # The baseline holds all 256 x 512 fp32 logits; the fused path one chunk of 8 tokens.
+        assert r["linear_ce_loss_peak_bytes"] >= 256 * 512 * 4
+        assert r["fused_loss_peak_bytes"] < r["linear_ce_loss_peak_bytes"] / 4, r
+
+
 def test_bench_loss_skips_what_does_not_fit(tmp_path, capsys):
     out = tmp_path / "loss.json"
     bench = _load("bench_loss")
