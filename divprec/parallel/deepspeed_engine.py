@@ -329,6 +329,18 @@ class ScheduleView:
         return self.engine(*args, **kwargs)
 
 
+def _pipeline_tied_embedding(model: torch.nn.Module) -> torch.nn.Parameter | None:
+    """This stage's copy of the tied embedding weight, when pipeline stages share one (PP > 1
+    with tied embeddings, on the first or last stage); else None."""
+    if not getattr(model, "share_embeddings_and_output_weights", False):
+        return None
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return None
+    if not parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
+        return None
+    return model.shared_embedding_or_output_weight()
+
+
 class GradientSync:
     """The one owner of how a step's gradients are reduced; :meth:`attach` wires it.
 
@@ -340,18 +352,24 @@ class GradientSync:
        set by :meth:`no_sync`, the schedule's ``no_sync_func``.
     3. megatron-core's own ``finalize_model_grads_func`` and ``grad_scale_func`` are off: DeepSpeed
        reduces and clips, and the schedule already scales each microbatch loss by
-       1 / num_microbatches.
+       1 / num_microbatches. The one part of it divprec needs, the tied embedding's gradient
+       shared between the first and last pipeline stage, is done here before the reduction.
     """
 
     def __init__(self, engine, zero_stage: int) -> None:
         self.engine = engine
         self.reduce_in_backward = zero_stage >= 2
+        self.tied_embedding: torch.nn.Parameter | None = None
 
     @classmethod
     def attach(cls, engine, model: torch.nn.Module, zero_stage: int, tensor_group) -> GradientSync:
         """Install the TP hooks on ``model`` and point megatron's schedule config at this sync."""
         install_tensor_parallel_grad_hooks(model, tensor_group, model.config.sequence_parallel)
         sync = cls(engine, zero_stage)
+        sync.tied_embedding = _pipeline_tied_embedding(model)
+        if sync.tied_embedding is not None and not parallel_state.is_pipeline_first_stage():
+            # The last stage's copy: DeepSpeed's gradient norm counts the first stage's only.
+            sync.tied_embedding.ds_pipe_replicated = True
         model.config.no_sync_func = sync.no_sync
         model.config.finalize_model_grads_func = None
         model.config.grad_scale_func = None
@@ -380,5 +398,24 @@ class GradientSync:
         group; a bucket of one element all-reduces each buffer in place, where a larger bucket
         flattens them together into a copy of every gradient (fp32 ZeRO-1 ignores the size).
         """
+        if self.tied_embedding is not None:
+            self._sum_tied_embedding_grads()
         if not self.reduce_in_backward:
             self.engine.allreduce_gradients(bucket_size=1)
+
+    def _sum_tied_embedding_grads(self) -> None:
+        """Tied embeddings under pipeline parallelism: the first stage's input embedding and the
+        last stage's output layer are two copies of one weight. Each holds only its own use's
+        gradient; both get the sum (megatron-core's embedding-group all-reduce, which its
+        finalize_model_grads would do), so both copies take the same update.
+
+        Collectives: one all-reduce SUM over the embedding group (the first and last stage).
+        """
+        param = self.tied_embedding
+        # BF16_Optimizer (bf16, ZeRO-1) moves each microbatch's gradient into an fp32 buffer.
+        grad = getattr(param, "_hp_grad", None)
+        if grad is None:
+            grad = param.grad
+        if grad is None:
+            raise RuntimeError("the tied embedding has no accumulated gradient to share")
+        torch.distributed.all_reduce(grad, group=parallel_state.get_embedding_group())

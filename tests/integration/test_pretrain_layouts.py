@@ -84,3 +84,14 @@ def test_moe_trains_and_balances_with_expert_bias(tmp_path):
     for ours, ref in zip(parallel[0], history, strict=True):
         for key in ("lm_loss", "loss", "grad_norm"):
             assert math.isclose(ours[key], ref[key], rel_tol=1e-4), (ours["step"], key)
+
+
+def test_tied_embeddings_across_pipeline_stages(tmp_path):
+    """The first stage's embedding and the last stage's output layer are one weight: both copies
+    get its whole gradient (an embedding-group all-reduce), and the norm counts it once."""
+    tied = ["model.tie_embeddings=true"]
+    (reference,) = run_in_processes(_train, 1, tied, str(tmp_path / "single"))
+    histories = run_in_processes(_train, 2, [*tied, "parallel.pipeline=2"], str(tmp_path / "pp"))
+    for ours, ref in zip(histories[0], reference, strict=True):
+        for key in ("lm_loss", "loss", "grad_norm"):
+            assert math.isclose(ours[key], ref[key], rel_tol=1e-4), (ours["step"], key)
