@@ -7,7 +7,8 @@ Steps, each a subprocess with its own time limit (a failing step is recorded, th
 1. ``gpu_tests``: the GPU test tier (``pytest -m gpu``: the loss kernels, the model build, bf16
    training steps, a checkpoint round trip, grouped experts on the GPU).
 2. ``bench_loss``: the shaped loss against megatron-core's vocab-parallel cross-entropy at V 151936
-   x 16384 tokens in bf16 (time and peak memory ratios, same run).
+   x 16384 tokens in bf16 (time and peak memory ratios, same run); ``bench_loss_fused``: the fused
+   output layer + shaped loss against megatron-core's output matmul + cross-entropy (h 1536).
 3. ``bench_train`` and ``bench_train_fused``: ``dense_1b`` on one GPU, tokens/s and MFU with
    ``loss=ce`` against ``loss=precision``, then against ``loss=precision loss.fused_linear=true``.
 4. ``syncs``: host synchronisations in one training step (torch.cuda.set_sync_debug_mode).
@@ -50,9 +51,10 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
     if dry_run:
         loss = ["--device", "cpu", "--dtype", "fp32", "--vocab", "4096", "--tokens", "256"]
         loss += ["--topk", "100", "--tp", "1", "--repeats", "1", "--warmup", "0"]
-        train = ["--model", "tiny", "--device", "cpu", "--steps", "3", "--warmup-steps", "1"]
+        train = ["--model", "tiny", "--device", "cpu", "--steps", "2", "--warmup-steps", "1"]
         train += ["--seq-length", "64", "--micro-batch", "2", "--global-batch", "4"]
         gpu_tests = ["tests/gpu", "tests/unit/test_loss.py"]  # they skip on CPU
+        hidden = "128"
     else:
         loss = ["--device", "cuda", "--dtype", "bf16", "--vocab", "151936", "--tokens", "16384"]
         loss += ["--topk", "100", "--tp", "1", "--repeats", "5"]
@@ -60,6 +62,7 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
         train += ["--steps", "8", "--warmup-steps", "3", "--seq-length", "4096"]
         train += ["--micro-batch", "1", "--global-batch", "4"]
         gpu_tests = []
+        hidden = "1536"  # the paper's 1B model
     dry = ["--dry-run"] if dry_run else []
     return [
         Step(
@@ -74,6 +77,13 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
             "bench_loss",
             [py, str(tools / "bench_loss.py"), *loss, "--configs", "paper", "ce",
              "--json", str(out / "bench_loss.json")],
+            150,
+            "bench_loss",
+        ),
+        Step(
+            "bench_loss_fused",
+            [py, str(tools / "bench_loss.py"), *loss, "--fused", "--hidden", hidden,
+             "--configs", "paper", "--json", str(out / "bench_loss_fused.json")],
             150,
             "bench_loss",
         ),
@@ -123,9 +133,10 @@ def _junit(out: Path, step: Step) -> dict:
 
 
 def _bench_loss(out: Path, step: Step) -> dict:
-    records = json.loads((out / "bench_loss.json").read_text())
+    records = json.loads(Path(step.command[step.command.index("--json") + 1]).read_text())
     records = records.get("records", records) if isinstance(records, dict) else records
-    keep = ("config", "vocab", "tokens", "dtype", "kernel", "time_ratio", "memory_ratio")
+    keep = ("config", "path", "vocab", "tokens", "dtype", "kernel", "time_ratio", "memory_ratio")
+    keep += ("loss_memory_ratio",)
     return {"cases": [{k: r.get(k) for k in keep if k in r} for r in records]}
 
 
@@ -175,10 +186,11 @@ def _figures(name: str, results: dict | None) -> str:
         return "-"
     if name == "gpu_tests":
         return ", ".join(f"{results[k]} {k}" for k in ("passed", "failures", "errors", "skipped"))
-    if name == "bench_loss":
+    if name.startswith("bench_loss"):
+        memory = "loss_memory_ratio" if name.endswith("fused") else "memory_ratio"
         return "; ".join(
             f"{c.get('config')} V{c.get('vocab')} x {c.get('tokens')}: time {c.get('time_ratio'):.3f}x, "
-            f"memory {c.get('memory_ratio') or float('nan'):.3f}x"
+            f"memory {c.get(memory) or float('nan'):.3f}x"
             for c in results["cases"]
             if c.get("time_ratio") is not None
         )
