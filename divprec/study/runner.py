@@ -4,6 +4,7 @@ Layout of a report directory::
 
     study.json                   the config and its fingerprint (a rerun must match it)
     data/                        the prepared blend (divprec.study.data), data/meta.json
+                                 (a multi-seed study shares one, divprec.study.seeds)
     runs/<setting>/              a pre-training run (config.yaml, metrics.jsonl, checkpoints/,
                                  train.log); runs/<setting>/pretrain.json marks it done
     eval/<setting>.json          held-out measurements of the checkpoint
@@ -162,14 +163,18 @@ def pretrain_command(
 class Study:
     """The stages of one study in one report directory."""
 
-    def __init__(self, cfg: StudyConfig, report_dir: str | Path):
+    def __init__(
+        self, cfg: StudyConfig, report_dir: str | Path, data_dir: str | Path | None = None
+    ):
         self.cfg = cfg
         self.dir = Path(report_dir).expanduser().resolve()
+        # The blend does not depend on the study's seed, so several seeds can share one.
+        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else self.dir / "data"
 
     # -- paths
     @property
     def data_meta_path(self) -> Path:
-        return self.dir / "data" / "meta.json"
+        return self.data_dir / "meta.json"
 
     def run_dir(self, setting: str) -> Path:
         return self.dir / "runs" / setting
@@ -200,7 +205,7 @@ class Study:
         return stages
 
     def _data(self, postfix: Callable[[dict], None]) -> None:
-        prepare_data(self.dir / "data", self.cfg.data)
+        prepare_data(self.data_dir, self.cfg.data)
 
     def _data_overrides(self) -> list[str]:
         return prepared_from_meta(_read_json(self.data_meta_path)).overrides()
@@ -294,18 +299,24 @@ class Study:
 
 
 def run_study(
-    cfg: StudyConfig, report_dir: str | Path, *, progress: bool = True, plots: bool = True
+    cfg: StudyConfig,
+    report_dir: str | Path,
+    *,
+    progress: bool = True,
+    plots: bool = True,
+    data_dir: str | Path | None = None,
 ) -> dict:
     """Run (or continue) the study in ``report_dir``; returns the report (also report.json).
 
     Stages whose outputs exist are skipped; report.json and the plots are rebuilt every time from
-    everything the directory holds for ``cfg.settings``.
+    everything the directory holds for ``cfg.settings``. ``data_dir`` (default
+    ``report_dir``/data) holds the prepared blend.
     """
     from tqdm.auto import tqdm
 
     from divprec.study.report import build_report
 
-    study = Study(cfg, report_dir)
+    study = Study(cfg, report_dir, data_dir)
     study.dir.mkdir(parents=True, exist_ok=True)
     check_study_dir(study.dir, cfg)
     stages = study.stages()
