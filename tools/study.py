@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="comma-separated seeds: the study once per seed, then paired statistics over them",
     )
+    p.add_argument(
+        "--one-at-a-time",
+        action="store_true",
+        help="with --seeds: one stage at a time with torch's default threads (default: two seeds "
+        "side by side, one thread each)",
+    )
     p.add_argument("--no-rl", action="store_true", help="skip the RL probe")
     p.add_argument("--threads", type=int, default=None, help="torch threads of eval / RL")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -86,7 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.seeds:
-            report = run_seeds(cfg, args.seeds, report_dir, progress=not args.no_progress)
+            report = run_seeds(
+                cfg,
+                args.seeds,
+                report_dir,
+                progress=not args.no_progress,
+                side_by_side=not args.one_at_a_time,
+            )
         else:
             report = run_study(cfg, report_dir, progress=not args.no_progress)
     except (StudyDirError, StageError) as err:

@@ -141,7 +141,8 @@ def _int_keys(mapping: dict | None) -> dict[int, float]:
 
 
 def seed_metrics(report: dict) -> dict[str, dict[str, float]]:
-    """Per setting of one seed's report: ``heldout/<source>/<stat>``, ``pretrain/pass@<k>``,
+    """Per setting of one seed's report: ``heldout/<source>/<stat>``, ``pretrain/pass@<k>`` (k a
+    power of two),
     ``rl/pass@<k>`` (the last RL evaluation) and ``rl_gain/pass@<k>`` (last - first)."""
     out: dict[str, dict[str, float]] = {}
     for setting, entry in report["settings"].items():
@@ -152,7 +153,8 @@ def seed_metrics(report: dict) -> dict[str, dict[str, float]]:
                 if stat in stats:
                     metrics[f"heldout/{src}/{stat}"] = float(stats[stat])
         for k, v in _int_keys(ev.get("pass_at_k")).items():
-            metrics[f"pretrain/pass@{k}"] = v
+            if k & (k - 1) == 0:  # k = 1, 2, 4, 8, 16: the curve's shape without 16 rows
+                metrics[f"pretrain/pass@{k}"] = v
         rl = entry.get("rl") or {}
         if rl.get("last_eval"):
             first = _int_keys(rl["first_eval"]["pass_at_k"])

@@ -16,6 +16,7 @@ mean of every setting with its 95% t-interval as a band, and every seed as a thi
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import matplotlib
@@ -31,6 +32,8 @@ COLORS = {
     "head_bonus": "#ff7f0e",
 }
 DPI = 80
+# pyplot's figure registry is global: studies side by side (divprec.study.seeds) draw in turn.
+_PYPLOT_LOCK = threading.Lock()
 
 
 def _color(setting: str) -> str:
@@ -153,7 +156,8 @@ PLOTS = {
 def draw_all(report: dict, out_dir: Path) -> list[Path]:
     """Every figure of :data:`PLOTS` into ``out_dir``; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [draw(report, out_dir / name) for name, draw in PLOTS.items()]
+    with _PYPLOT_LOCK:
+        return [draw(report, out_dir / name) for name, draw in PLOTS.items()]
 
 
 def _band(ax, series: dict, setting: str, per_seed: bool = True, **kwargs) -> None:
@@ -229,4 +233,5 @@ SEED_PLOTS = {
 def draw_seeds(report: dict, out_dir: Path) -> list[Path]:
     """Every figure of :data:`SEED_PLOTS` for an aggregated report into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [draw(report, out_dir / name) for name, draw in SEED_PLOTS.items()]
+    with _PYPLOT_LOCK:
+        return [draw(report, out_dir / name) for name, draw in SEED_PLOTS.items()]

@@ -23,6 +23,7 @@ import logging
 import os
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -36,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 STUDY_FILE = "study.json"
 TIMINGS_FILE = "timings.json"  # per stage: wall and CPU seconds, load average before / after
+# Hydra's compose API keeps global state: studies side by side (divprec.study.seeds) compose
+# their pre-training configs one at a time.
+_COMPOSE_LOCK = threading.Lock()
 
 
 class StudyDirError(ValueError):
@@ -218,7 +222,8 @@ class Study:
 
             run_dir = self.run_dir(setting)
             argv = pretrain_command(self.cfg, setting, self._data_overrides(), run_dir)
-            resolved = compose_config(argv[3:])  # fail here, with the config error, if invalid
+            with _COMPOSE_LOCK:  # fail here, with the config error, if invalid
+                resolved = compose_config(argv[3:])
             validate(resolved, world_size=1)
             total = resolved.train.steps
             metrics = run_dir / "metrics.jsonl"
@@ -234,7 +239,10 @@ class Study:
                     )
 
             start = time.perf_counter()
-            run_command(argv, run_dir / "train.log", poll=poll, env={"PYTHONUNBUFFERED": "1"})
+            env = {"PYTHONUNBUFFERED": "1"}
+            if self.cfg.torch_threads:  # torch's intra-op threads of the pre-training process
+                env["OMP_NUM_THREADS"] = str(self.cfg.torch_threads)
+            run_command(argv, run_dir / "train.log", poll=poll, env=env)
             checkpoint = resolve_latest(run_dir / "checkpoints")
             _write_json(
                 self.pretrain_marker(setting),
@@ -305,12 +313,14 @@ def run_study(
     progress: bool = True,
     plots: bool = True,
     data_dir: str | Path | None = None,
+    bar_position: int | None = None,
 ) -> dict:
     """Run (or continue) the study in ``report_dir``; returns the report (also report.json).
 
     Stages whose outputs exist are skipped; report.json and the plots are rebuilt every time from
     everything the directory holds for ``cfg.settings``. ``data_dir`` (default
-    ``report_dir``/data) holds the prepared blend.
+    ``report_dir``/data) holds the prepared blend; ``bar_position`` places the progress bar
+    when several studies run side by side.
     """
     from tqdm.auto import tqdm
 
@@ -322,14 +332,20 @@ def run_study(
     stages = study.stages()
     start = time.perf_counter()
     ran: list[str] = []
+    label = "" if bar_position is None else f"seed {cfg.seed} "
     with tqdm(
-        total=len(stages) + 1, desc="study", unit="stage", disable=not progress, dynamic_ncols=True
+        total=len(stages) + 1,
+        desc=f"{label}study",
+        unit="stage",
+        disable=not progress,
+        dynamic_ncols=True,
+        position=bar_position,
     ) as bar:
         for stage in stages:
             if stage.done():
                 bar.update(1)
                 continue
-            bar.set_description(stage.name)
+            bar.set_description(label + stage.name)
             bar.set_postfix({})
 
             def postfix(values: dict, _bar=bar) -> None:
@@ -339,7 +355,7 @@ def run_study(
                 stage.run(postfix)
             ran.append(stage.name)
             bar.update(1)
-        bar.set_description("report")
+        bar.set_description(label + "report")
         report = build_report(
             study, ran_stages=ran, invocation_seconds=time.perf_counter() - start, plots=plots
         )
