@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             "results": f"{report_dir}/results.md",
             "plots": report["plots"],
             "total_wall_s": round(report["timings"]["total_wall_s"], 1),
-            "pass_at_8_standard_error_max": report["standard_errors"]["max"],
+            f"pass_at_{report['standard_errors']['k']}_standard_error_max": report[
+                "standard_errors"
+            ]["max"],
             "claims": verdicts(report),
         }
         print(json.dumps(summary, indent=1))
