@@ -72,9 +72,10 @@ class GRPOConfig:
 
 def evaluate(
     em: EvalModel, task: ArithmeticTask, problems: list[Problem], cfg: GRPOConfig
-) -> dict[str, float]:
+) -> dict[str, float | list[int]]:
     """pass@k (unbiased, ``eval_samples`` per problem), mean accuracy, majority-vote accuracy,
-    mean token entropy and response length of the policy on ``problems``."""
+    mean token entropy and response length of the policy on ``problems``, and the correct
+    count of every problem (``eval_correct_counts``, of ``eval_samples``)."""
     samples = sample(
         em,
         [p.prompt for p in problems],
@@ -97,6 +98,9 @@ def evaluate(
         f"pass@{k}": v for k, v in pass_at_k_curve(counts, cfg.eval_samples, cfg.pass_ks).items()
     }
     out["eval_accuracy"] = sum(counts) / (len(problems) * cfg.eval_samples)
+    # Per-problem counts: the standard error of a pass@k needs them (divprec.study.aggregate).
+    out["eval_samples"] = cfg.eval_samples
+    out["eval_correct_counts"] = counts
     out["eval_majority"] = majority / len(problems)
     out.update(_rollout_shape(flat, prefix="eval_"))
     return out

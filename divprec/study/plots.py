@@ -4,11 +4,19 @@
 - pass_at_k.png          Pass@k of the pre-trained checkpoints on held-out problems
 - rl_curves.png          RL reward, policy entropy and response length over RL steps
 - rl_pass_at_k.png       Pass@k at the first and the last RL evaluation
+
+Over several seeds (an aggregated report, divprec.study.seeds), :func:`draw_seeds` draws the seed
+mean of every setting with its 95% t-interval as a band, and every seed as a thin line:
+
+- pass_at_k.png          Pass@k after pre-training
+- rl_pass_at_k.png       Pass@k at the last RL evaluation (solid) and the first (dashed)
+- rl_curves.png          RL reward, policy entropy and response length over RL steps
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import matplotlib
@@ -24,6 +32,8 @@ COLORS = {
     "head_bonus": "#ff7f0e",
 }
 DPI = 80
+# pyplot's figure registry is global: studies side by side (divprec.study.seeds) draw in turn.
+_PYPLOT_LOCK = threading.Lock()
 
 
 def _color(setting: str) -> str:
@@ -146,4 +156,82 @@ PLOTS = {
 def draw_all(report: dict, out_dir: Path) -> list[Path]:
     """Every figure of :data:`PLOTS` into ``out_dir``; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [draw(report, out_dir / name) for name, draw in PLOTS.items()]
+    with _PYPLOT_LOCK:
+        return [draw(report, out_dir / name) for name, draw in PLOTS.items()]
+
+
+def _band(ax, series: dict, setting: str, per_seed: bool = True, **kwargs) -> None:
+    """The seed mean of ``series`` (divprec.study.aggregate.curves) with its interval shaded
+    and, with ``per_seed``, every seed as a thin line."""
+    xs, color = series["x"], _color(setting)
+    nan = float("nan")
+    mean = [nan if v is None else v for v in series["mean"]]
+    ax.plot(xs, mean, color=color, lw=1.6, marker="o", ms=3, **kwargs)
+    if all(v is not None for v in series["low"]):
+        ax.fill_between(xs, series["low"], series["high"], color=color, alpha=0.15, lw=0)
+    if per_seed:
+        for values in series["per_seed"].values():
+            line = [nan if v is None else v for v in values]
+            ax.plot(xs, line, color=color, lw=0.6, alpha=0.35, ls=kwargs.get("ls", "-"))
+
+
+def plot_seeds_pass_at_k(report: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for setting, series in report["curves"].items():
+        if "pretrain_pass_at_k" in series:
+            _band(ax, series["pretrain_pass_at_k"], setting, label=setting)
+    ax.set_xscale("log", base=2)
+    n = len(report["study"]["seeds"])
+    ax.set(
+        title=f"Pass@k after pre-training: mean of {n} seeds, 95% interval",
+        xlabel="k",
+        ylabel="pass@k",
+    )
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_seeds_rl_pass_at_k(report: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for setting, series in report["curves"].items():
+        if "rl_first_pass_at_k" in series:
+            _band(ax, series["rl_first_pass_at_k"], setting, per_seed=False, ls="--", alpha=0.5)
+        if "rl_last_pass_at_k" in series:
+            _band(ax, series["rl_last_pass_at_k"], setting, label=setting)
+    ax.set_xscale("log", base=2)
+    ax.set(title="Pass@k in RL: last eval (solid), first (dashed)", xlabel="k", ylabel="pass@k")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_seeds_rl_curves(report: dict, path: Path) -> Path:
+    keys = (
+        ("rl/reward_mean", "reward (mean)"),
+        ("rl/entropy", "policy entropy"),
+        ("rl/response_length", "response length (tokens)"),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for setting, series in report["curves"].items():
+        for ax, (key, _) in zip(axes, keys, strict=True):
+            if key in series:
+                _band(ax, series[key], setting, label=setting)
+    for ax, (_, title) in zip(axes, keys, strict=True):
+        ax.set(title=f"{title}, seed mean", xlabel="RL step")
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+SEED_PLOTS = {
+    "pass_at_k.png": plot_seeds_pass_at_k,
+    "rl_pass_at_k.png": plot_seeds_rl_pass_at_k,
+    "rl_curves.png": plot_seeds_rl_curves,
+}
+
+
+def draw_seeds(report: dict, out_dir: Path) -> list[Path]:
+    """Every figure of :data:`SEED_PLOTS` for an aggregated report into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _PYPLOT_LOCK:
+        return [draw(report, out_dir / name) for name, draw in SEED_PLOTS.items()]

@@ -4,6 +4,7 @@ Layout of a report directory::
 
     study.json                   the config and its fingerprint (a rerun must match it)
     data/                        the prepared blend (divprec.study.data), data/meta.json
+                                 (a multi-seed study shares one, divprec.study.seeds)
     runs/<setting>/              a pre-training run (config.yaml, metrics.jsonl, checkpoints/,
                                  train.log); runs/<setting>/pretrain.json marks it done
     eval/<setting>.json          held-out measurements of the checkpoint
@@ -22,6 +23,7 @@ import logging
 import os
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 STUDY_FILE = "study.json"
 TIMINGS_FILE = "timings.json"  # per stage: wall and CPU seconds, load average before / after
+# Hydra's compose API keeps global state: studies side by side (divprec.study.seeds) compose
+# their pre-training configs one at a time.
+_COMPOSE_LOCK = threading.Lock()
 
 
 class StudyDirError(ValueError):
@@ -162,14 +167,18 @@ def pretrain_command(
 class Study:
     """The stages of one study in one report directory."""
 
-    def __init__(self, cfg: StudyConfig, report_dir: str | Path):
+    def __init__(
+        self, cfg: StudyConfig, report_dir: str | Path, data_dir: str | Path | None = None
+    ):
         self.cfg = cfg
         self.dir = Path(report_dir).expanduser().resolve()
+        # The blend does not depend on the study's seed, so several seeds can share one.
+        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else self.dir / "data"
 
     # -- paths
     @property
     def data_meta_path(self) -> Path:
-        return self.dir / "data" / "meta.json"
+        return self.data_dir / "meta.json"
 
     def run_dir(self, setting: str) -> Path:
         return self.dir / "runs" / setting
@@ -200,7 +209,7 @@ class Study:
         return stages
 
     def _data(self, postfix: Callable[[dict], None]) -> None:
-        prepare_data(self.dir / "data", self.cfg.data)
+        prepare_data(self.data_dir, self.cfg.data)
 
     def _data_overrides(self) -> list[str]:
         return prepared_from_meta(_read_json(self.data_meta_path)).overrides()
@@ -213,7 +222,8 @@ class Study:
 
             run_dir = self.run_dir(setting)
             argv = pretrain_command(self.cfg, setting, self._data_overrides(), run_dir)
-            resolved = compose_config(argv[3:])  # fail here, with the config error, if invalid
+            with _COMPOSE_LOCK:  # fail here, with the config error, if invalid
+                resolved = compose_config(argv[3:])
             validate(resolved, world_size=1)
             total = resolved.train.steps
             metrics = run_dir / "metrics.jsonl"
@@ -229,7 +239,10 @@ class Study:
                     )
 
             start = time.perf_counter()
-            run_command(argv, run_dir / "train.log", poll=poll, env={"PYTHONUNBUFFERED": "1"})
+            env = {"PYTHONUNBUFFERED": "1"}
+            if self.cfg.torch_threads:  # torch's intra-op threads of the pre-training process
+                env["OMP_NUM_THREADS"] = str(self.cfg.torch_threads)
+            run_command(argv, run_dir / "train.log", poll=poll, env=env)
             checkpoint = resolve_latest(run_dir / "checkpoints")
             _write_json(
                 self.pretrain_marker(setting),
@@ -294,31 +307,45 @@ class Study:
 
 
 def run_study(
-    cfg: StudyConfig, report_dir: str | Path, *, progress: bool = True, plots: bool = True
+    cfg: StudyConfig,
+    report_dir: str | Path,
+    *,
+    progress: bool = True,
+    plots: bool = True,
+    data_dir: str | Path | None = None,
+    bar_position: int | None = None,
 ) -> dict:
     """Run (or continue) the study in ``report_dir``; returns the report (also report.json).
 
     Stages whose outputs exist are skipped; report.json and the plots are rebuilt every time from
-    everything the directory holds for ``cfg.settings``.
+    everything the directory holds for ``cfg.settings``. ``data_dir`` (default
+    ``report_dir``/data) holds the prepared blend; ``bar_position`` places the progress bar
+    when several studies run side by side.
     """
     from tqdm.auto import tqdm
 
     from divprec.study.report import build_report
 
-    study = Study(cfg, report_dir)
+    study = Study(cfg, report_dir, data_dir)
     study.dir.mkdir(parents=True, exist_ok=True)
     check_study_dir(study.dir, cfg)
     stages = study.stages()
     start = time.perf_counter()
     ran: list[str] = []
+    label = "" if bar_position is None else f"seed {cfg.seed} "
     with tqdm(
-        total=len(stages) + 1, desc="study", unit="stage", disable=not progress, dynamic_ncols=True
+        total=len(stages) + 1,
+        desc=f"{label}study",
+        unit="stage",
+        disable=not progress,
+        dynamic_ncols=True,
+        position=bar_position,
     ) as bar:
         for stage in stages:
             if stage.done():
                 bar.update(1)
                 continue
-            bar.set_description(stage.name)
+            bar.set_description(label + stage.name)
             bar.set_postfix({})
 
             def postfix(values: dict, _bar=bar) -> None:
@@ -328,7 +355,7 @@ def run_study(
                 stage.run(postfix)
             ran.append(stage.name)
             bar.update(1)
-        bar.set_description("report")
+        bar.set_description(label + "report")
         report = build_report(
             study, ran_stages=ran, invocation_seconds=time.perf_counter() - start, plots=plots
         )

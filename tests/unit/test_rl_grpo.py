@@ -139,12 +139,15 @@ def test_grpo_run_logs_and_updates(em):
     logs = run_grpo(em, EvenLengthTask(), cfg, on_step=seen.append)
     assert seen == logs and [e["step"] for e in logs] == [0, 1, 2]
     eval_keys = {"pass@1", "pass@2", "pass@4", "eval_accuracy", "eval_majority"}
-    eval_keys |= {"eval_entropy", "eval_response_length"}
+    eval_keys |= {"eval_entropy", "eval_response_length", "eval_samples", "eval_correct_counts"}
     train_keys = {"reward_mean", "accuracy", "entropy", "response_length", "kept_groups"}
     train_keys |= {"loss", "clip_fraction", "ratio_mean", "grad_norm", "time_s"}
     assert set(logs[0]) == {"step"} | eval_keys
     for entry in logs[1:]:
         assert set(entry) == {"step"} | train_keys | eval_keys
+        counts = entry.pop("eval_correct_counts")
+        assert len(counts) == cfg.eval_problems and all(0 <= c <= cfg.eval_samples for c in counts)
+        assert entry["pass@1"] == pytest.approx(sum(counts) / (len(counts) * cfg.eval_samples))
         assert all(math.isfinite(v) for v in entry.values())
         assert 0 <= entry["kept_groups"] <= 3
         assert entry["pass@1"] <= entry["pass@2"] <= entry["pass@4"]
