@@ -1,4 +1,9 @@
-"""The target token of each row: checked, located on its shard, and masked out of the pass."""
+"""The target token of each row: checked, located on its shard, and masked out of the pass.
+
+Dense over the rows on purpose: a row whose target another rank holds reads and writes its own
+value back, so no index set of data-dependent size (``nonzero``) is built and the GPU never waits
+for the host (no synchronisation in the loss's hot path).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,21 @@ import torch
 
 
 def check(target: torch.Tensor, rows: int, vocab: int, logits_shape: tuple) -> None:
-    """One clear ValueError for targets that do not fit the logits: count or range."""
+    """One clear error for targets that do not fit the logits: count or range.
+
+    On CPU a ValueError names the first bad id. On CUDA the range check is a device-side assert
+    (no host synchronisation): a bad id stops the run at the step's next synchronisation.
+    """
     if target.shape[0] != rows:
         raise ValueError(
             f"logits {tuple(logits_shape)} and target {tuple(target.shape)} disagree on tokens"
         )
-    if target.numel() and (bool((target < 0).any()) or bool((target >= vocab).any())):
+    if not target.numel():
+        return
+    in_range = ((target >= 0) & (target < vocab)).all()
+    if target.is_cuda:
+        torch._assert_async(in_range, f"a target id is outside the vocabulary [0, {vocab})")
+    elif not bool(in_range):
         bad = target[(target < 0) | (target >= vocab)][0].item()
         raise ValueError(
             f"target id {bad} is outside the vocabulary [0, {vocab}); check the tokenizer's "
@@ -25,22 +39,31 @@ def check(target: torch.Tensor, rows: int, vocab: int, logits_shape: tuple) -> N
 
 @dataclass
 class TargetShard:
-    """Where this rank holds the targets: the rows it owns, their columns, and the logits."""
+    """Where this rank holds the targets: which rows, their columns, and the logits."""
 
-    rows: torch.Tensor  # [owned] rows whose target lies in this rank's vocabulary slice
-    cols: torch.Tensor  # [owned] the target's column within the shard
+    owned: torch.Tensor  # [n] bool: the row's target lies in this rank's vocabulary slice
+    cols: torch.Tensor  # [n] the target's column within the shard (clamped where not owned)
     logit: torch.Tensor  # [n] fp32: the target's logit where owned, else -inf
+
+
+def write_at_targets(
+    z: torch.Tensor, owned: torch.Tensor, cols: torch.Tensor, values: torch.Tensor
+) -> None:
+    """z[row, cols[row]] = values[row] where ``owned``; the other rows keep their value."""
+    index = cols[:, None]  # [n, 1]
+    kept = z.gather(1, index)[:, 0]  # [n]
+    z.scatter_(1, index, torch.where(owned, values.to(z.dtype), kept)[:, None])
 
 
 def locate(z: torch.Tensor, target: torch.Tensor, rank: int) -> TargetShard:
     """The targets [n] (global ids) on rank ``rank``'s shard z [n, v/tp]."""
     local_vocab = z.shape[1]
     local = target - rank * local_vocab  # [n]
-    rows = ((local >= 0) & (local < local_vocab)).nonzero(as_tuple=True)[0]
-    cols = local[rows]
-    logit = torch.full((z.shape[0],), float("-inf"), device=z.device)
-    logit[rows] = z[rows, cols].float()
-    return TargetShard(rows, cols, logit)
+    owned = (local >= 0) & (local < local_vocab)
+    cols = local.clamp(0, local_vocab - 1)
+    at_target = z.gather(1, cols[:, None])[:, 0].float()  # [n]
+    logit = torch.where(owned, at_target, float("-inf"))
+    return TargetShard(owned, cols, logit)
 
 
 @contextmanager
@@ -53,9 +76,10 @@ def masked(z: torch.Tensor, shard: TargetShard) -> Iterator[None]:
     sees them unchanged, as they are once the block exits.
     """
     data = z.data
-    saved = data[shard.rows, shard.cols]  # [owned] (advanced indexing: a copy)
-    data[shard.rows, shard.cols] = float("-inf")
+    index = shard.cols[:, None]  # [n, 1]
+    saved = data.gather(1, index)  # [n, 1] (a copy)
+    data.scatter_(1, index, torch.where(shard.owned[:, None], float("-inf"), saved))
     try:
         yield
     finally:
-        data[shard.rows, shard.cols] = saved
+        data.scatter_(1, index, saved)

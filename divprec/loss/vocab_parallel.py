@@ -98,8 +98,7 @@ def _row_sums(
             threads=not passes.compiled,
         )
     # The target's e, from the owning rank (the pass above left it out of every sum).
-    owned = shard.rows
-    sums[_TARGET_EXP, owned] = torch.exp(target_logit[owned] - row_max[owned])
+    sums[_TARGET_EXP] = torch.where(shard.owned, torch.exp(target_logit - row_max), 0.0)
     return sums
 
 
@@ -174,7 +173,7 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
             z if private else logits,
             row_max,
             tau.to(z.dtype),
-            shard.rows,
+            shard.owned,
             shard.cols,
             rows_out.head_scale,
             rows_out.tail_scale,
@@ -197,9 +196,7 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_stat_grads):  # type: ignore[override]
-        saved, row_max, tau_z, owned_rows, owned_cols, head_scale, tail_scale, target_grad = (
-            ctx.saved_tensors
-        )
+        saved, row_max, tau_z, owned, cols, head_scale, tail_scale, target_grad = ctx.saved_tensors
         z = saved.view(-1, ctx.input_shape[-1])  # [n, v/tp]
         lap = step_times.laps(z.device)
         g = grad_loss.reshape(-1).float()  # [n]
@@ -214,7 +211,7 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
             lambda rows: passes.backward(z, grad, row_max, tau_z, head_scale, tail_scale, rows),
             threads=not passes.compiled,
         )
-        grad[owned_rows, owned_cols] = (target_grad[owned_rows] * g[owned_rows]).to(grad.dtype)
+        targets.write_at_targets(grad, owned, cols, target_grad * g)
         lap("backward")
         return grad.view(ctx.input_shape), None, None, None, None
 
