@@ -77,4 +77,9 @@ def test_probe_on_a_pretrained_checkpoint(run_dir):
         assert {"pass@1", "pass@4", "eval_accuracy"} <= set(entry)
     assert "pass@1" not in logs[1]
     for entry in logs:
+        counts = entry.pop("eval_correct_counts", None)  # per problem, for standard errors
         assert all(math.isfinite(v) for v in entry.values()), entry
+        if counts is not None:
+            samples = entry["eval_samples"]
+            assert all(isinstance(c, int) and 0 <= c <= samples for c in counts), counts
+            assert sum(counts) / (len(counts) * samples) == pytest.approx(entry["eval_accuracy"])
