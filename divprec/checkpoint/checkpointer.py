@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import multiprocessing
 import os
 import random
 import shutil
@@ -103,6 +104,19 @@ def refuse_non_finite(model: torch.nn.Module, engine, step: int) -> None:
         )
 
 
+def _results_queue_without_a_server() -> None:
+    """megatron-core collects its file writers' results in a multiprocessing Manager queue. The
+    Manager's server process (spawned at a rank's first save with data to write) outlives a worker
+    killed with SIGKILL, and keeps the launcher's output open and its memory forever. divprec's
+    writers run in forked processes only (a synchronous save forks them; the AsyncCallsQueue is
+    not persistent, so it forks too), so a fork-context queue they inherit does the same without
+    a server."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
+
+
 def _spread_over_data_parallel():
     """megatron-core's torch_dist save with the weights (replicated over data parallel) written by
     the data-parallel ranks in turn, not all by the first: its writer stages a host copy of what a
@@ -146,6 +160,7 @@ def save_checkpoint(
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save of this step
             tmp.mkdir(parents=True)
+    _results_queue_without_a_server()
     model_sd = model_sharded_state_dict(model)
     optimizer_sd = partition_sharded_state_dict(model, model_sd)
     with _phase(tmp, "write the model and optimizer shards"):
