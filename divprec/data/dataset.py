@@ -12,12 +12,15 @@ Read batches with ``build_batch_iterator`` (see divprec.data.batches for the ord
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from divprec.data.batches import build_batch_iterator
@@ -29,6 +32,7 @@ from divprec.data.config import (
     validate_data_config,
 )
 from divprec.data.default_corpus import ensure_default_corpus
+from divprec.data.filelock import exclusive_lock
 from divprec.data.megatron_helpers import require_megatron_helpers
 from divprec.data.tokenizer import Tokenizer
 from divprec.parallel.distributed import single_process_world
@@ -97,6 +101,19 @@ def _num_tokens(prefix: str) -> int:
     return int(dataset.sequence_lengths.sum())
 
 
+@contextlib.contextmanager
+def _index_cache_lock(cache_dir: Path) -> Iterator[None]:
+    """Several jobs with the same data settings (a sweep of losses) share megatron's index cache,
+    and megatron writes its index files in place: a job finding another's half-written files would
+    load them. So each job's global rank 0, the rank that writes them, builds under a file lock;
+    its other ranks load only after rank 0 (megatron's barrier), so they take no lock."""
+    if dist.get_rank() != 0:
+        yield
+        return
+    with exclusive_lock(cache_dir / "megatron_index.lock", "megatron's dataset indices"):
+        yield
+
+
 def build_gpt_datasets(
     cfg: DataConfig | Any,
     *,
@@ -154,7 +171,7 @@ def build_gpt_datasets(
         sizes = [0 if n is None else n for n in sizes]
     # Megatron's BlendedDataset asks torch.distributed for the rank on an index-cache miss even
     # in a single process: the build runs inside a world (of one, unless a launcher made one).
-    with single_process_world(model_parallel=False):
+    with single_process_world(model_parallel=False), _index_cache_lock(data.cache_dir):
         splits = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     train, valid, test = (None if skip else ds for ds, skip in zip(splits, skipped, strict=True))
     if train is None or len(train) == 0:
