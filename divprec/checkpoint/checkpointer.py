@@ -9,14 +9,17 @@ all ranks in the same order.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import multiprocessing
 import os
 import random
 import shutil
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 
 import numpy as np
@@ -104,17 +107,28 @@ def refuse_non_finite(model: torch.nn.Module, engine, step: int) -> None:
         )
 
 
-def _results_queue_without_a_server() -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_results_manager = None  # the server of megatron-core's results queue, kept for the process
+
+
+def _die_with_the_parent() -> None:
+    """In a child process: the kernel kills it when its parent dies (Linux PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _results_queue_that_dies_with_its_rank() -> None:
     """megatron-core collects its file writers' results in a multiprocessing Manager queue. The
-    Manager's server process (spawned at a rank's first save with data to write) outlives a worker
-    killed with SIGKILL, and keeps the launcher's output open and its memory forever. divprec's
-    writers run in forked processes only (a synchronous save forks them; the AsyncCallsQueue is
-    not persistent, so it forks too), so a fork-context queue they inherit does the same without
-    a server."""
+    Manager's server process (spawned at a rank's first save with data to write) would outlive a
+    worker killed with SIGKILL, keeping the launcher's output open and its memory forever. The same
+    queue, from a server the kernel kills with its rank."""
+    global _results_manager
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
+        _results_manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        _results_manager.start(_die_with_the_parent)
+        filesystem_async._results_queue = _results_manager.Queue()
 
 
 def _spread_over_data_parallel():
@@ -160,7 +174,7 @@ def save_checkpoint(
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted save of this step
             tmp.mkdir(parents=True)
-    _results_queue_without_a_server()
+    _results_queue_that_dies_with_its_rank()
     model_sd = model_sharded_state_dict(model)
     optimizer_sd = partition_sharded_state_dict(model, model_sd)
     with _phase(tmp, "write the model and optimizer shards"):
