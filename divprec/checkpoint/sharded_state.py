@@ -113,9 +113,10 @@ def _weight_pieces(
         itertools.accumulate((n for _, n in ranges[:-1]), initial=0)
     ) and sum(n for _, n in ranges) == meta.numel()
     if not (views and tiled):
-        raise NotImplementedError(
+        raise ValueError(
             f"parameter {name}: its sharded-state factory does not save contiguous views that "
-            "tile the parameter, which the per-rank optimizer checkpoint needs"
+            "tile the parameter, which the per-rank optimizer checkpoint needs; build the model "
+            "with divprec's layers (model.moe_experts=sequential or grouped)"
         )
     return [(p, p.data.storage_offset()) for p in pieces]
 

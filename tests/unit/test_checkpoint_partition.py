@@ -44,5 +44,5 @@ def test_a_factorys_pieces_are_located_in_the_parameter():
         return ShardedTensor.from_rank_offsets(key, t.t().contiguous(), replica_id=replica_id)
 
     factory = ShardedTensorFactory("w", param, transposed, lambda x: x, 0)
-    with pytest.raises(NotImplementedError, match="parameter w: its sharded-state factory"):
+    with pytest.raises(ValueError, match="parameter w: its sharded-state factory"):
         _weight_pieces("w", param, factory)
