@@ -11,7 +11,9 @@ Steps, each a subprocess with its own time limit (a failing step is recorded, th
    output layer + shaped loss against megatron-core's output matmul + cross-entropy (h 1536).
 3. ``bench_train`` and ``bench_train_fused``: ``dense_1b`` on one GPU, tokens/s and MFU with
    ``loss=ce`` against ``loss=precision``, then against ``loss=precision loss.fused_linear=true``.
-4. ``syncs``: host synchronisations in one training step (torch.cuda.set_sync_debug_mode).
+4. ``syncs``: host synchronisations in one training step (torch.cuda.set_sync_debug_mode);
+   ``fusions``: 3 training steps with megatron-core's fusions (model.fusions) on and off, the
+   same losses.
 5. ``memory`` and ``memory_async``: ``experiment=paper_dense_1b`` in bf16 for a few steps with a
    checkpoint (synchronous, then asynchronous), preempted and resumed;
    ``torch.cuda.max_memory_allocated`` against the memory plan, and the resumed losses against
@@ -109,6 +111,12 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
             "plain",
         ),
         Step(
+            "fusions",
+            [py, str(tools / "gpu_steps.py"), "fusions", *dry, "--json", str(out / "fusions.json")],
+            120,
+            "plain",
+        ),
+        Step(
             "memory",
             [py, str(tools / "gpu_steps.py"), "memory", *dry, "--json", str(out / "memory.json")],
             120,
@@ -203,6 +211,11 @@ def _figures(name: str, results: dict | None) -> str:
         )
     if name == "syncs":
         return f"{results['syncs_in_step_3']} syncs in step 3"
+    if name == "fusions":
+        return (
+            f"fused/unfused lm loss: max relative difference "
+            f"{results['max_relative_difference']:.2e} (rtol {results['rtol']})"
+        )
     if name.startswith("memory"):
         ratio = results.get("measured_over_plan")
         same = results["resumed_lm_loss"] == results["uninterrupted_lm_loss"]

@@ -94,7 +94,12 @@ def refuse_non_finite(model: torch.nn.Module, engine, step: int) -> None:
             if any(torch.is_tensor(v) and not torch.isfinite(v).all() for v in state.values()):
                 bad = "the optimizer state (Adam moments)"
                 break
-    for partition in getattr(engine.optimizer, "single_partition_of_fp32_groups", []):
+    # ZeRO-1/2's fp32 partitions; under bf16 at ZeRO-1, DeepSpeed's BF16_Optimizer holds them.
+    masters = [
+        *getattr(engine.optimizer, "single_partition_of_fp32_groups", []),
+        *getattr(engine.optimizer, "fp32_groups_flat_partition", []),
+    ]
+    for partition in masters:
         if bad is None and not torch.isfinite(partition).all():
             bad = "the fp32 master weights"
     flag = torch.tensor([0.0 if bad is None else 1.0], device=next(model.parameters()).device)

@@ -15,7 +15,7 @@ from divprec.config.schema import PretrainConfig
 from divprec.data.checks import check_data
 from divprec.data.config import split_shares, validate_data_config
 from divprec.metrics.config import validate_logging_config
-from divprec.model.config import validate_moe_experts, validate_recompute
+from divprec.model.config import validate_fusions, validate_moe_experts, validate_recompute
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +295,7 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
         validate_checkpoint(cfg)
         validate_recompute(cfg.model, p.pipeline)
         validate_moe_experts(cfg.model)
+        validate_fusions(cfg.model)
         validate_data_config(cfg.data)
         validate_logging_config(cfg.logging)
         data_vocab_size = check_data(cfg.data, cfg.train.seq_length)

@@ -77,7 +77,27 @@ def local_top(
     spilled = torch.zeros(c, dtype=torch.bool, device=zc.device)
     for maxima in set_maxima:
         spilled |= torch.count_nonzero(maxima >= tau, dim=-1) > k
+    at_least = recount_spilled(zc, tau, spilled, at_least, without_sync=zc.is_cuda)
+    return row_max, top.float(), (at_least - k).float()
+
+
+def recount_spilled(
+    zc: torch.Tensor,
+    tau: torch.Tensor,
+    spilled: torch.Tensor,
+    at_least: torch.Tensor,
+    without_sync: bool,
+) -> torch.Tensor:
+    """#{z >= tau} [c]: at_least, with the spilled rows [c] (bool) counted over the whole row.
+
+    ``without_sync`` (CUDA): every row is counted and the spilled rows' counts kept, one more
+    read of the chunk instead of asking the host which rows spilled (a synchronisation per
+    chunk). Otherwise only the spilled rows are read again, found on the host: free on CPU.
+    The same counts either way.
+    """
+    if without_sync:
+        return torch.where(spilled, torch.count_nonzero(zc >= tau, dim=-1), at_least)
     if bool(spilled.any()):
         rows = spilled.nonzero(as_tuple=True)[0]
         at_least[rows] = torch.count_nonzero(zc[rows] >= tau[rows], dim=-1)
-    return row_max, top.float(), (at_least - k).float()
+    return at_least

@@ -110,14 +110,25 @@ def _chunked_pass(
     return loss, stats, grad_hidden, grad_weight
 
 
-def _common_scale(g: torch.Tensor, w: torch.Tensor) -> float | None:
-    """s with g = s * w (to _SCALE_RTOL of max |g|), or None when g is not a multiple of w."""
-    ww = float((w * w).sum())
-    s = float((g * w).sum()) / ww if ww > 0 else 0.0
-    limit = _SCALE_RTOL * float(g.abs().max()) if g.numel() else 0.0
-    if g.numel() and float((g - s * w).abs().max()) > limit:
-        return None
-    return s
+def _common_scale(
+    g: torch.Tensor, w: torch.Tensor, group: dist.ProcessGroup | None
+) -> float | None:
+    """s with g = s * w (to _SCALE_RTOL of max |g|) on every rank of ``group``, else None.
+
+    One host synchronisation per backward: the fit and its check stay on the device until the
+    answer is read. Collective (tp > 1): all-reduce MIN [1] int32 (every rank takes the same
+    path: its collectives differ).
+    """
+    if not g.numel():
+        return 0.0
+    ww = (w * w).sum()
+    s = torch.where(ww > 0, (g * w).sum() / ww, 0.0)
+    fits = ((g - s * w).abs().amax() <= _SCALE_RTOL * g.abs().amax()).to(torch.int32)
+    if _parallel(group):
+        fits = fits.reshape(1)
+        dist.all_reduce(fits, op=dist.ReduceOp.MIN, group=group)
+    scale, ok = torch.stack([s.float(), fits.reshape(()).float()]).tolist()
+    return scale if ok else None
 
 
 def _parallel(group: dist.ProcessGroup | None) -> bool:
@@ -192,11 +203,7 @@ class _FusedLinearShapedLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None
         g = grad_loss.reshape(-1).float()  # [n]
-        scale = _common_scale(g, token_weights)
-        if _parallel(ctx.group):  # every rank takes the same path (its collectives differ)
-            reuse = torch.tensor([scale is not None], dtype=torch.int32, device=g.device)
-            dist.all_reduce(reuse, op=dist.ReduceOp.MIN, group=ctx.group)
-            scale = scale if bool(reuse.item()) else None
+        scale = _common_scale(g, token_weights, ctx.group)
         if scale is None:  # g is not s * w: the chunks again, with w = g
             full = _gather_sequence(rows, ctx.group) if ctx.sequence_parallel else rows
             _, _, grad_hidden, grad_weight = _chunked_pass(

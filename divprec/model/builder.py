@@ -191,6 +191,7 @@ def transformer_config(
 ) -> TransformerConfig:
     """megatron's TransformerConfig for ``cfg`` (see the module docstring of the builder)."""
     on_gpu = torch.cuda.is_available()
+    fused = cfg.fusions == "on" or (cfg.fusions == "auto" and on_gpu)
     moe: dict[str, Any] = {}
     if cfg.is_moe:
         moe = dict(
@@ -245,11 +246,13 @@ def transformer_config(
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
         attention_softmax_in_fp32=True,
-        # fused kernels: only through TE (the local ones are CUDA extensions or torch.compile'd)
-        bias_activation_fusion=False,
+        # Fusions (model.fusions): the two megatron-core runs without TE. The others need TE (RoPE)
+        # or CUDA extensions divprec does not build (masked softmax: SDPA replaces it here;
+        # gradient accumulation: apex's fused weight-gradient kernel).
+        bias_activation_fusion=fused,
+        bias_dropout_fusion=fused,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
-        bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
         # Initialisation: divprec.model.init does it (layout-invariant). megatron's draws are
         # skipped with no-op init methods, not perform_initialization=False: that would also skip

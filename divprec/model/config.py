@@ -50,6 +50,11 @@ class ModelConfig:
     # divprec.model.grouped_experts), "sequential" (megatron-core's loop over experts) or "auto"
     # (grouped on CUDA in bf16, else sequential). Same parameters and checkpoints either way.
     moe_experts: str = "auto"
+    # megatron-core's fusions that need no Transformer Engine: SwiGLU (bias_activation_fusion:
+    # saves the MLP's input only, recomputes the activation in its backward) and bias-dropout-add,
+    # both torch.compile'd. "auto": on with CUDA, off on CPU (seconds of compilation for little
+    # gain); "on" / "off" force it. The same function either way.
+    fusions: str = "auto"
     # Activation recompute (see the class docstring).
     recompute: str = "none"  # "none" | "selective" | "full"
     recompute_method: str = "uniform"  # full only: "uniform" | "block"
@@ -111,6 +116,12 @@ def validate_recompute(cfg: ModelConfig, pipeline: int) -> None:
 
 
 MOE_EXPERT_IMPLEMENTATIONS = ("auto", "grouped", "sequential")
+FUSION_MODES = ("auto", "on", "off")
+
+
+def validate_fusions(cfg: ModelConfig) -> None:
+    if cfg.fusions not in FUSION_MODES:
+        raise ValueError(f"model.fusions={cfg.fusions!r}: use one of {', '.join(FUSION_MODES)}")
 
 
 def validate_moe_experts(cfg: ModelConfig) -> None:

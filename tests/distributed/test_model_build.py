@@ -198,7 +198,24 @@ def _reference_checks() -> dict:
         "router_std": torch.stack([r.weight.detach().std() for r in routers]),
     }
     out["experts"] = _expert_implementations()
+    out["fusions"] = {
+        name: {mode: _fusion_run(dataclasses.replace(cfg, fusions=mode)) for mode in ("off", "on")}
+        for name, cfg in (("dense", DENSE), ("moe", MOE))
+    }
     return out
+
+
+def _fusion_run(cfg: ModelConfig) -> dict:
+    """One forward and backward: the loss, the gradients and whether megatron fused SwiGLU."""
+    model = _build(cfg)
+    model.train()
+    loss = _shaped_loss(_logits(model)).mean()
+    loss.backward()
+    return {
+        "fused": model.config.bias_activation_fusion and model.config.bias_dropout_fusion,
+        "loss": loss.detach(),
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+    }
 
 
 def _tensor_parallel_checks() -> dict:
@@ -305,6 +322,18 @@ def test_pipeline_stages_concatenate_to_the_single_stage_model(results: list[dic
 def test_local_attention_is_sdpa_and_matches_megatron(results: list[dict]) -> None:
     dense = results[0]["ref"]["dense"]
     torch.testing.assert_close(dense["megatron_attention_logits"], dense["logits"], **TOL)
+
+
+@pytest.mark.parametrize("model", ["dense", "moe"])
+def test_fusions_compute_the_unfused_function(results: list[dict], model: str) -> None:
+    # Run eagerly here (dynamo off): megatron-core's fused SwiGLU with its own backward formula
+    # and the fused bias-dropout-add against the plain ops. Compiled, on CUDA: the GPU check.
+    runs = results[0]["ref"]["fusions"][model]
+    assert (runs["off"]["fused"], runs["on"]["fused"]) == (False, True)
+    torch.testing.assert_close(runs["on"]["loss"], runs["off"]["loss"], rtol=1e-6, atol=1e-7)
+    assert runs["on"]["grads"].keys() == runs["off"]["grads"].keys()
+    for name, grad in runs["off"]["grads"].items():
+        torch.testing.assert_close(runs["on"]["grads"][name], grad, **TOL, msg=name)
 
 
 def test_bf16_model(results: list[dict]) -> None:

@@ -36,6 +36,7 @@ def test_gpu_check_dry_run(tmp_path):
         "bench_train",
         "bench_train_fused",
         "syncs",
+        "fusions",
         "memory",
         "memory_async",
     ]
@@ -45,6 +46,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert steps["bench_loss_fused"]["results"]["cases"][0]["time_ratio"] > 0
     for name in ("bench_train", "bench_train_fused"):
         assert [r["loss"] for r in steps[name]["results"]["runs"]] == ["ce", "precision"]
+    fusions = steps["fusions"]["results"]
+    assert fusions["same_loss"] and sorted(fusions["fused_lm_loss"]) == ["1", "2", "3"]
     for name in ("memory", "memory_async"):
         memory = steps[name]["results"]
         assert memory["steps_resumed"] == [3, 4]

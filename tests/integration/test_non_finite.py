@@ -124,7 +124,10 @@ def _save_with_nan(rank: int, world: int, run_dir: str, where: str) -> str:
     from divprec.checkpoint.checkpointer import CheckpointError, Progress
     from divprec.train.build import build_run
 
-    cfg = compose_config([*tiny_run("train.steps=2"), f"run.dir={run_dir}"])
+    precision = "bf16" if where == "bf16_master_weights" else "fp32"
+    cfg = compose_config(
+        [*tiny_run("train.steps=2"), f"train.precision={precision}", f"run.dir={run_dir}"]
+    )
     validate(cfg, world)
     run = build_run(cfg)
     run.checkpoints.save(Progress(1, 8))
@@ -132,6 +135,8 @@ def _save_with_nan(rank: int, world: int, run_dir: str, where: str) -> str:
         with torch.no_grad():
             if where == "weights":
                 next(run.model.parameters()).view(-1)[0] = float("nan")
+            elif where == "bf16_master_weights":  # ZeRO-1 under bf16: DeepSpeed's BF16_Optimizer
+                run.engine.optimizer.fp32_groups_flat_partition[0][0] = float("nan")
             else:
                 state = next(iter(run.engine.optimizer.optimizer.state.values()))
                 state["exp_avg_sq"].view(-1)[0] = float("inf")
@@ -142,7 +147,7 @@ def _save_with_nan(rank: int, world: int, run_dir: str, where: str) -> str:
     return "saved"
 
 
-@pytest.mark.parametrize("where", ["weights", "optimizer"])
+@pytest.mark.parametrize("where", ["weights", "optimizer", "bf16_master_weights"])
 def test_a_checkpoint_is_never_written_with_non_finite_state(tmp_path, where):
     messages = run_in_processes(_save_with_nan, 2, str(tmp_path), where)
     for message in messages:

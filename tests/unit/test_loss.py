@@ -304,10 +304,19 @@ def assert_head_gradient_marks_k_t(logits, target, cfg):
     return expected
 
 
+@pytest.mark.parametrize("without_sync", [False, True], ids=["cpu_recount", "cuda_recount"])
 @pytest.mark.parametrize("topk", [1, 3, 20, 100])
-def test_local_top_by_blocks_is_the_exact_top_k(topk):
+def test_local_top_by_blocks_is_the_exact_top_k(topk, without_sync, monkeypatch):
     from divprec.loss import block_topk
 
+    # The CUDA path's recount of spilled rows (no host synchronisation), run here on CPU.
+    recount = block_topk.recount_spilled
+
+    def forced(*args: torch.Tensor, without_sync: bool) -> torch.Tensor:
+        return recount(*args, without_sync=forced_mode)
+
+    forced_mode = without_sync
+    monkeypatch.setattr(block_topk, "recount_spilled", forced)
     g = torch.Generator().manual_seed(topk)
     rows = [torch.randn(8, 32768, generator=g), torch.randint(-5, 6, (8, 32768), generator=g)]
     for z in (*rows, rows[0].bfloat16(), rows[1].bfloat16()):

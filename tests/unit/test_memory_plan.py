@@ -157,8 +157,13 @@ def test_zero_partitions_the_optimizer_state() -> None:
     two = memory_plan(compose_config([*base, "parallel.zero_stage=2"]), 8)
     assert one.master_weights == two.master_weights == -(-one.stage_parameters // 8) * 4
     assert one.adam_moments == 2 * one.master_weights
-    assert one.gradients == one.stage_parameters * 2  # bf16, every gradient of the stage
-    assert two.gradients == -(-two.stage_parameters // 8) * 2  # this rank's partition
+    # bf16 parameters, gradients accumulated in fp32: ZeRO-1 every gradient of the stage, reduced
+    # in place (no bucket, no flat copy at the step); ZeRO-2 this rank's partition.
+    assert one.parameters == one.stage_parameters * 2
+    assert one.gradients == one.stage_parameters * 4
+    assert one.reduce_bucket == one.optimizer_step == 0
+    assert two.gradients == -(-two.stage_parameters // 8) * 4
+    assert two.reduce_bucket > 0 and two.optimizer_step == two.gradients
 
 
 def _plan_tool(*args: str) -> subprocess.CompletedProcess:
