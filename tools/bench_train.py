@@ -16,12 +16,16 @@ Each step's wall time comes from the trainer's own per-step metrics (``logging.i
 ``step_time_s``, ``tokens_per_s``, ``tflops``, ``mfu``); the first ``--warmup-steps`` steps of
 every run are dropped. Reported per loss: the median step time over the remaining steps of all
 rounds, tokens/s and TFLOP/s (per device) from it, MFU when the device's peak is known (none on
-CPU), and the ratio of tokens/s to the first loss's (the target for the shaped loss: >= 0.97).
+CPU), the ratio of tokens/s to the first loss's (the target for the shaped loss: >= 0.97), and
+the peak memory (the largest over rounds): on CUDA ``torch.cuda.max_memory_allocated`` over the
+whole run, on CPU the tensor peak of the last warmup step (step 2 at least; measured with the
+profiler, which slows that step, so it should be a warmup step).
 Runs write into a temporary directory (deleted unless ``--keep``); the trainer's final checkpoint
 is saved after the last step, outside the measured steps.
 
 JSON (``--json PATH``): {"machine": ..., "settings": ..., "runs": [per loss: loss, tokens_per_s,
-tflops, mfu, step_time_s, step_times_s (every measured step), ratio_to_baseline, ...]}.
+tflops, mfu, step_time_s, step_times_s (every measured step), ratio_to_baseline,
+peak_memory_gib, ...]}.
 """
 
 from __future__ import annotations
@@ -93,17 +97,52 @@ def _overrides(args, loss: str, first: bool, run_dir: str) -> list[str]:
     return out
 
 
-def _train(overrides: list[str]) -> list[dict]:
+def _peak_memory_probe(measured_step: int, on_gpu: bool):
+    """A trainer callback: on CUDA, torch.cuda.max_memory_allocated from the run's start to the
+    end of its last step; on CPU, the tensor peak of one step (divprec.metrics.memory), the last
+    warmup step (>= 2), so the profiler that measures it leaves the timed steps alone."""
+    import torch
+
+    from divprec.metrics.callback import Callback
+    from divprec.metrics.memory import PeakTensorMemory
+
+    if not on_gpu:
+        return PeakTensorMemory(step=measured_step)
+
+    class CudaPeak(Callback):
+        def __init__(self) -> None:
+            self.peak_bytes: int | None = None
+            torch.cuda.reset_peak_memory_stats()
+
+        def on_step_end(self, state, metrics) -> None:
+            self.peak_bytes = torch.cuda.max_memory_allocated()  # the last step's is kept
+
+    return CudaPeak()
+
+
+def _peak_bytes(probe) -> int | None:
+    if hasattr(probe, "result"):  # PeakTensorMemory
+        return probe.result.peak_bytes if probe.result is not None else None
+    return probe.peak_bytes
+
+
+def _train(overrides: list[str], probe) -> list[dict]:
     from divprec.config.compose import compose_config
     from divprec.config.validate import validate
     from divprec.train.trainer import pretrain
 
     cfg = compose_config(overrides)
     validate(cfg, 1)
-    return pretrain(cfg).history
+    return pretrain(cfg, [probe]).history
 
 
-def _summary(loss: str, histories: list[list[dict]], warmup: int, tokens_per_step: int) -> dict:
+def _summary(
+    loss: str,
+    histories: list[list[dict]],
+    warmup: int,
+    tokens_per_step: int,
+    peaks: list[int | None],
+) -> dict:
     measured = [m for h in histories for m in h if m["step"] > warmup]
     step_times = [m["step_time_s"] for m in measured]
     step = statistics.median(step_times)
@@ -127,6 +166,7 @@ def _summary(loss: str, histories: list[list[dict]], warmup: int, tokens_per_ste
         "measured_steps": len(step_times),
         "step_times_s": step_times,
         "final_lm_loss": histories[-1][-1].get("lm_loss") if histories[-1] else None,
+        "peak_memory_gib": max(known) / 2**30 if (known := [p for p in peaks if p]) else None,
     }
 
 
@@ -173,14 +213,17 @@ def main(argv=None) -> int:
     )
     tokens_per_step = args.global_batch * args.seq_length
     histories: dict[str, list[list[dict]]] = {loss: [] for loss in args.losses}
+    peaks: dict[str, list[int | None]] = {loss: [] for loss in args.losses}
     tmp = tempfile.mkdtemp(prefix="bench_train_")
     t0 = time.perf_counter()
     try:
         for r in range(args.rounds):
             for i, loss in enumerate(args.losses):
                 run_dir = os.path.join(tmp, f"{loss}-{r}")
-                history = _train(_overrides(args, loss, i == 0, run_dir))
+                probe = _peak_memory_probe(max(2, args.warmup_steps), device == "cuda")
+                history = _train(_overrides(args, loss, i == 0, run_dir), probe)
                 histories[loss].append(history)
+                peaks[loss].append(_peak_bytes(probe))
                 times = [m["step_time_s"] for m in history if m["step"] > args.warmup_steps]
                 print(
                     f"  round {r} loss={loss}: median step {statistics.median(times) * 1e3:.1f} ms "
@@ -196,7 +239,8 @@ def main(argv=None) -> int:
 
             shutil.rmtree(tmp, ignore_errors=True)
     runs = [
-        _summary(loss, histories[loss], args.warmup_steps, tokens_per_step) for loss in args.losses
+        _summary(loss, histories[loss], args.warmup_steps, tokens_per_step, peaks[loss])
+        for loss in args.losses
     ]
     base = runs[0]["tokens_per_s"]
     for run in runs:
@@ -223,14 +267,16 @@ def main(argv=None) -> int:
     settings["seconds"] = time.perf_counter() - t0
     print()
     print(
-        f"{'loss':12s} {'step ms':>9s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'vs ' + runs[0]['loss']:>8s}"
+        f"{'loss':12s} {'step ms':>9s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} "
+        f"{'vs ' + runs[0]['loss']:>8s} {'peak GiB':>9s}"
     )
     for run in runs:
         tflops = "-" if run["tflops"] is None else f"{run['tflops']:.4f}"
         mfu = "-" if run["mfu"] is None else f"{run['mfu']:.3f}"
         print(
             f"{run['loss']:12s} {run['step_time_s'] * 1e3:9.1f} {run['tokens_per_s']:10.1f} "
-            f"{tflops:>8s} {mfu:>6s} {run['ratio_to_baseline']:8.3f}"
+            f"{tflops:>8s} {mfu:>6s} {run['ratio_to_baseline']:8.3f} "
+            + ("        -" if run["peak_memory_gib"] is None else f"{run['peak_memory_gib']:9.3f}")
         )
     if args.json:
         with open(args.json, "w") as f:

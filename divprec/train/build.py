@@ -54,6 +54,16 @@ class Run:
     forward_backward: Callable[..., Any]  # megatron-core's schedule for this layout
     spikes: LossSpikes | None = None  # with train.loss_spike_window > 0
 
+    def release(self) -> None:
+        """Let the model, its gradients and the optimizer state be freed once the run is over.
+
+        DeepSpeed's gradient hooks sit on the parameters' autograd nodes, where the garbage
+        collector cannot follow them: without this, they keep the engine and everything it holds
+        alive, and a second run in the same process (benchmarks, the GPU check) starts with the
+        first one's memory still allocated. The run cannot train afterwards.
+        """
+        self.engine.destroy()
+
 
 def _agree_on_run_dir(cfg: PretrainConfig) -> None:
     """Every rank uses rank 0's run.dir (a timestamp resolved on each rank could differ)."""

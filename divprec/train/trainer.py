@@ -59,7 +59,11 @@ def pretrain(cfg: PretrainConfig, extra_callbacks: Sequence[Callback] = ()) -> T
     watcher = PreemptionWatcher(cfg.train.preemption_signal)
     watcher.install()
     try:
-        return _train(build_run(cfg), watcher, extra_callbacks)
+        run = build_run(cfg)
+        try:
+            return _train(run, watcher, extra_callbacks)
+        finally:
+            run.release()
     finally:
         watcher.uninstall()
 
