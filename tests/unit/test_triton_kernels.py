@@ -1,0 +1,241 @@
+"""loss.kernel=triton against the float64 reference: the kernels alone, the loss, tp 2, fused.
+
+On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 for the
+CPU tier before anything imports triton); in the GPU tier (``pytest -m gpu``) the ``cuda``
+parameters run the same checks compiled. Sizes are small: the interpreter runs each program's
+block steps in numpy, one row after another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from loss_reference import reference, relative_error
+
+from divprec.loss import (
+    STAT_NAMES,
+    ShapedLossConfig,
+    fused_linear_shaped_loss,
+    row_kernels,
+    shaped_loss,
+    triton_kernels,
+    vocab_parallel_shaped_loss,
+)
+from divprec.parallel.spawn import run_in_processes
+
+pytestmark = pytest.mark.skipif(
+    triton_kernels.available() is not None,
+    reason=f"triton is not importable ({triton_kernels.available()}): pip install 'triton>=3.5'",
+)
+
+VOCAB = 1000  # not a power of 2: the last block of each row is partial
+TOPKS = [1, 7, 100, VOCAB]
+DTYPES = [torch.float32, torch.bfloat16]
+# The CPU tier interprets; the GPU tier compiles the same kernels on CUDA.
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not triton_kernels.interpreting(), reason="on CPU only in Triton's interpreter"
+        ),
+    ),
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+
+
+def make_case(rows: int = 12, vocab: int = VOCAB, seed: int = 0):
+    """Random rows with targets at the argmax, the argmin and random places; a row of integers
+    (ties at every k-th value), a near-one-hot row, a row with -inf columns, signed zeros."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    target = torch.randint(0, vocab, (rows,), generator=g)
+    target[0::4] = logits[0::4].argmax(-1)
+    target[1::4] = logits[1::4].argmin(-1)
+    logits[2] = torch.randint(-3, 4, (vocab,), generator=g).float()
+    logits[3, target[3]] += 25.0  # pi_x rounds to 1 in fp32
+    logits[5, 100 : vocab // 2] = float("-inf")
+    target[5] = vocab - 3
+    logits[6] = -logits[6].abs() - 1.0
+    logits[6, ::2] = 0.0
+    logits[6, ::4] = -0.0  # the top 500 tie at zero, across its signs
+    return logits, target
+
+
+def cfg_for(form: str, topk: int) -> ShapedLossConfig:
+    return ShapedLossConfig(
+        beta=-0.25 if form == "power" else 0.5,
+        topk=topk,
+        topk_negative_reward=0.2,
+        tail_negative_reward=-0.1,
+        positive_form=form,
+        kernel="triton",
+    )
+
+
+def assert_matches_reference(loss, grad, stats, logits, target, cfg, grad_rtol=1e-5):
+    # The reference's 0 * log(0) is NaN: a finite stand-in for -inf (exp underflows to 0).
+    ref_loss, ref_grad, ref_stats = reference(logits.float().clamp(min=-1e4), target, cfg)
+    assert torch.isfinite(grad.float()).all() and torch.isfinite(loss).all()
+    if grad_rtol == 1e-5:
+        assert relative_error(grad, ref_grad) < 1e-5
+    torch.testing.assert_close(
+        grad.double(), ref_grad, rtol=grad_rtol, atol=grad_rtol * 0.1 * ref_grad.abs().max()
+    )
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(
+            stats[name].double(), ref_stats[name], rtol=1e-5, atol=1e-5, msg=name
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_step_one_is_the_exact_top_k_with_its_ties_and_the_rank(dtype, device):
+    logits, target = make_case()
+    z = logits.to(device=device, dtype=dtype)
+    zf = z.float()
+    above = zf.gather(1, target.to(device)[:, None])[:, 0]
+    for k in TOPKS:
+        row_max, values_and_ties, rank = triton_kernels.local_top(z, k, above)
+        expected = torch.topk(zf, k, dim=-1).values  # [n, k]
+        tau = expected[:, -1]
+        assert torch.equal(row_max, zf.amax(dim=-1))
+        assert torch.equal(values_and_ties[:, :k].sort(dim=-1).values, expected.sort(dim=-1).values)
+        ties = (zf >= tau[:, None]).sum(dim=-1) - k  # every tie at the k-th value is counted
+        assert torch.equal(values_and_ties[:, k], ties.float())
+        assert torch.equal(rank, (zf > above[:, None]).sum(dim=-1).float())
+        assert torch.equal(triton_kernels.kth_largest(zf, k), tau)
+        if k == 7:
+            assert values_and_ties[2, k] > 0 and values_and_ties[6, k] > 0  # ties exist
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_sums_and_gradient_kernels_against_float64(dtype, device):
+    logits, target = make_case()
+    z = logits.to(device=device, dtype=dtype)
+    z64 = z.double()
+    skip = target.to(device).clone()
+    skip[::3] = -1  # rows whose target another rank holds: nothing left out
+    row_max = z.float().amax(dim=-1)
+    above = z.float()[:, 0]
+    sums = triton_kernels.row_sums(z, row_max, skip, above)
+    d = z64 - row_max.double()[:, None]
+    e = torch.exp(d)
+    keep = torch.ones_like(e, dtype=torch.bool).scatter_(1, skip.clamp(min=0)[:, None], False)
+    keep[::3] = True
+    e = torch.where(keep, e, 0.0)
+    expected = torch.stack([e.sum(-1), torch.where(e > 0, e * d, 0.0).sum(-1)])
+    assert torch.isfinite(sums).all()  # -inf logits add 0, never NaN
+    torch.testing.assert_close(sums[:2].double(), expected, rtol=2e-6, atol=0.0)
+    assert torch.equal(sums[2], ((z64 > above.double()[:, None]) & keep).sum(-1).float())
+    assert triton_kernels.row_sums(z, row_max, skip).shape == (2, z.shape[0])
+
+    tau = torch.topk(z.float(), 7, dim=-1).values[:, -1].to(dtype)
+    head = torch.linspace(-1.0, 2.0, z.shape[0], device=device)
+    tail = torch.linspace(0.5, -0.3, z.shape[0], device=device)
+    grad = torch.empty_like(z)
+    triton_kernels.shaped_grad(z, grad, row_max, tau, head, tail)
+    in_head = z64 >= tau.double()[:, None]
+    expected = torch.exp(d) * torch.where(in_head, head.double()[:, None], tail.double()[:, None])
+    tolerance = (
+        5e-6 if dtype == torch.float32 else 8e-3
+    )  # fp32 exp of a rounded d; bf16: + 1 rounding
+    torch.testing.assert_close(grad.double(), expected, rtol=tolerance, atol=1e-30)
+    inplace = z.clone()
+    triton_kernels.shaped_grad(inplace, inplace, row_max, tau, head, tail)
+    assert torch.equal(inplace, grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["power", "product"])
+def test_loss_matches_float64_policy_gradient(form, dtype, device):
+    logits, target = make_case(seed=3)
+    logits = logits.to(dtype)  # the reference takes the same values, exactly in fp32
+    for topk in TOPKS:
+        cfg = cfg_for(form, topk)
+        z = logits.to(device).clone().requires_grad_(True)
+        loss, stats = shaped_loss(z, target.to(device), cfg)
+        loss.sum().backward()
+        stats = {name: value.cpu() for name, value in stats.items()}
+        grad_rtol = 1e-5 if dtype == torch.float32 else 1e-2  # a bf16 gradient
+        assert_matches_reference(
+            loss.detach().cpu(), z.grad.cpu(), stats, logits, target, cfg, grad_rtol
+        )
+        assert z.grad.dtype == dtype
+
+
+# Both forms, both dtypes, every k (VOCAB: each rank's k_local is its whole shard), in one spawn.
+TP2_CASES = [
+    ("power", torch.float32, 7),
+    ("product", torch.bfloat16, 100),
+    ("power", torch.bfloat16, VOCAB),
+    ("product", torch.float32, 1),
+]
+
+
+def _tp2_worker(rank: int, world: int) -> list:
+    group = torch.distributed.group.WORLD
+    out = []
+    logits, target = make_case(seed=4)
+    width = VOCAB // world
+    for form, dtype, topk in TP2_CASES:
+        shard = logits[:, rank * width : (rank + 1) * width].to(dtype).clone()  # [n, V/tp]
+        z = shard.requires_grad_(True)
+        loss, stats = vocab_parallel_shaped_loss(z, target, cfg_for(form, topk), group)
+        loss.sum().backward()
+        out.append((loss.detach(), z.grad, stats))
+    return out
+
+
+def test_tensor_parallel_2_matches_float64_policy_gradient():
+    results = run_in_processes(_tp2_worker, 2)
+    logits, target = make_case(seed=4)
+    for i, (form, dtype, topk) in enumerate(TP2_CASES):
+        grad = torch.cat([results[r][i][1] for r in range(2)], dim=-1)  # [n, V]
+        for rank in range(2):
+            loss, _, stats = results[rank][i]
+            grad_rtol = 1e-5 if dtype == torch.float32 else 1e-2
+            cfg = cfg_for(form, topk)
+            assert_matches_reference(loss, grad, stats, logits.to(dtype), target, cfg, grad_rtol)
+
+
+def test_fused_output_layer_runs_the_triton_kernels():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 32, generator=g)
+    weight = torch.randn(300, 32, generator=g) * 0.5
+    target = torch.randint(0, 300, (6,), generator=g)
+    cfg = replace(cfg_for("power", 7), fused_chunk_tokens=4)  # 2 chunks, one of them partial
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    loss, stats = fused_linear_shaped_loss(h, w, target, cfg)
+    loss.sum().backward()
+    h_ref = hidden.clone().requires_grad_(True)
+    w_ref = weight.clone().requires_grad_(True)
+    ref_loss, ref_stats = shaped_loss(h_ref @ w_ref.t(), target, replace(cfg, kernel="eager"))
+    ref_loss.sum().backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(stats[name], ref_stats[name], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_on_cpu_outside_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(triton_kernels, "_INTERPRETED", False)
+    with pytest.raises(ValueError, match="loss.kernel=triton runs on CUDA .* set loss.kernel=auto"):
+        row_kernels.resolve("triton", 10, torch.device("cpu"))
+    monkeypatch.setattr(triton_kernels, "_IMPORT_ERROR", "ImportError: No module named 'triton'")
+    with pytest.raises(ValueError, match="loss.kernel=triton needs triton .*pip install"):
+        row_kernels.resolve("triton", 10, torch.device("cpu"))
+    # "auto" never picks the kernels on CPU.
+    assert row_kernels.resolve("auto", 1 << 30, torch.device("cpu")) == "auto"
