@@ -54,6 +54,24 @@ def interpreting() -> bool:
     return _INTERPRETED
 
 
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels here, or None: before triton 3.7 it
+    converts 1-element arrays to Python ints, which numpy >= 2.4 refuses (seen with 3.5.1, 3.6.0)."""
+    if triton is None:
+        return _IMPORT_ERROR
+    import numpy
+
+    def major_minor(version: str) -> tuple[int, int]:
+        return tuple(int(part) for part in version.split(".")[:2])  # type: ignore[return-value]
+
+    if major_minor(triton.__version__) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
+        return (
+            f"triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__}: "
+            "pip install 'triton>=3.7' (on CPU), or numpy<2.4"
+        )
+    return None
+
+
 def available() -> str | None:
     """None when the kernels can run, else why not (triton is not importable)."""
     return _IMPORT_ERROR
@@ -71,6 +89,14 @@ if triton is not None:
         x = tl.where(x == 0.0, 0.0, x)
         bits = x.to(tl.int32, bitcast=True)
         return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+    @triton.jit
+    def _round_to_bf16(x):
+        """fp32 -> bf16, rounded to nearest even as torch rounds (Triton's interpreter would
+        truncate): the same bits compiled and interpreted."""
+        bits = x.to(tl.int32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
     def _choose_digit(hist, remaining, bins):
@@ -221,6 +247,8 @@ if triton is not None:
             x = tl.load(z_ptr + row * stride_z + offs, mask=inside, other=float("-inf"))
             xf = x.to(tl.float32)
             grad = tl.exp(xf - row_max) * tl.where(xf >= tau, head, tail)
+            if x.dtype == tl.bfloat16:
+                grad = _round_to_bf16(grad)
             # Each element is read before it is written: out may be z itself.
             tl.store(out_ptr + row * stride_out + offs, grad.to(x.dtype), mask=inside)
 

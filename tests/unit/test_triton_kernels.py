@@ -34,13 +34,14 @@ VOCAB = 1000  # not a power of 2: the last block of each row is partial
 TOPKS = [1, 7, 100, VOCAB]
 DTYPES = [torch.float32, torch.bfloat16]
 # The CPU tier interprets; the GPU tier compiles the same kernels on CUDA.
+NOT_INTERPRETED = (
+    triton_kernels.interpreter_problem()
+    if triton_kernels.interpreting()
+    else "on CPU only in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py)"
+)
+interpreted = pytest.mark.skipif(NOT_INTERPRETED is not None, reason=str(NOT_INTERPRETED))
 DEVICES = [
-    pytest.param(
-        "cpu",
-        marks=pytest.mark.skipif(
-            not triton_kernels.interpreting(), reason="on CPU only in Triton's interpreter"
-        ),
-    ),
+    pytest.param("cpu", marks=interpreted),
     pytest.param(
         "cuda",
         marks=[
@@ -146,9 +147,8 @@ def test_row_sums_and_gradient_kernels_against_float64(dtype, device):
     triton_kernels.shaped_grad(z, grad, row_max, tau, head, tail)
     in_head = z64 >= tau.double()[:, None]
     expected = torch.exp(d) * torch.where(in_head, head.double()[:, None], tail.double()[:, None])
-    tolerance = (
-        5e-6 if dtype == torch.float32 else 8e-3
-    )  # fp32 exp of a rounded d; bf16: + 1 rounding
+    # fp32: the exp of a rounded d; bf16: then one rounding to nearest (half a bf16 ulp)
+    tolerance = 5e-6 if dtype == torch.float32 else 4e-3
     torch.testing.assert_close(grad.double(), expected, rtol=tolerance, atol=1e-30)
     inplace = z.clone()
     triton_kernels.shaped_grad(inplace, inplace, row_max, tau, head, tail)
@@ -167,7 +167,7 @@ def test_loss_matches_float64_policy_gradient(form, dtype, device):
         loss, stats = shaped_loss(z, target.to(device), cfg)
         loss.sum().backward()
         stats = {name: value.cpu() for name, value in stats.items()}
-        grad_rtol = 1e-5 if dtype == torch.float32 else 1e-2  # a bf16 gradient
+        grad_rtol = 1e-5 if dtype == torch.float32 else 4e-3  # a bf16 gradient, rounded once
         assert_matches_reference(
             loss.detach().cpu(), z.grad.cpu(), stats, logits, target, cfg, grad_rtol
         )
@@ -197,6 +197,7 @@ def _tp2_worker(rank: int, world: int) -> list:
     return out
 
 
+@interpreted  # gloo: CPU only
 def test_tensor_parallel_2_matches_float64_policy_gradient():
     results = run_in_processes(_tp2_worker, 2)
     logits, target = make_case(seed=4)
@@ -204,11 +205,12 @@ def test_tensor_parallel_2_matches_float64_policy_gradient():
         grad = torch.cat([results[r][i][1] for r in range(2)], dim=-1)  # [n, V]
         for rank in range(2):
             loss, _, stats = results[rank][i]
-            grad_rtol = 1e-5 if dtype == torch.float32 else 1e-2
+            grad_rtol = 1e-5 if dtype == torch.float32 else 4e-3
             cfg = cfg_for(form, topk)
             assert_matches_reference(loss, grad, stats, logits.to(dtype), target, cfg, grad_rtol)
 
 
+@interpreted
 def test_fused_output_layer_runs_the_triton_kernels():
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(6, 32, generator=g)
@@ -239,3 +241,14 @@ def test_triton_on_cpu_outside_the_interpreter_is_a_clear_error(monkeypatch):
         row_kernels.resolve("triton", 10, torch.device("cpu"))
     # "auto" never picks the kernels on CPU.
     assert row_kernels.resolve("auto", 1 << 30, torch.device("cpu")) == "auto"
+
+
+def test_triton_without_cuda_is_a_config_error_before_any_work(monkeypatch):
+    from divprec.config.compose import compose_config
+    from divprec.config.validate import ConfigError, validate
+
+    cfg = compose_config(["loss.kernel=triton"])
+    validate(cfg, world_size=1, vocab_size=4096)  # the interpreter (this tier) may run it
+    monkeypatch.setattr(triton_kernels, "_INTERPRETED", False)
+    with pytest.raises(ConfigError, match=r"^loss\.kernel=triton needs CUDA devices .*auto$"):
+        validate(cfg, world_size=1, vocab_size=4096)
