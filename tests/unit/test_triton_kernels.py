@@ -252,3 +252,26 @@ def test_triton_without_cuda_is_a_config_error_before_any_work(monkeypatch):
     monkeypatch.setattr(triton_kernels, "_INTERPRETED", False)
     with pytest.raises(ConfigError, match=r"^loss\.kernel=triton needs CUDA devices .*auto$"):
         validate(cfg, world_size=1, vocab_size=4096)
+
+
+@interpreted
+def test_the_self_check_that_gates_auto_passes_and_a_failing_kernel_keeps_the_torch_path(
+    monkeypatch, caplog
+):
+    assert triton_kernels._self_check_error(torch.device("cpu")) is None  # the real kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(triton_kernels, "local_top", broken)
+    monkeypatch.setattr(triton_kernels, "_SELF_CHECKED", {})
+    with caplog.at_level("WARNING", logger=triton_kernels.__name__):
+        assert not triton_kernels.usable(torch.device("cpu"))
+    assert "failed their self-check on cpu (RuntimeError: PTX assembly failed)" in caplog.text
+    # "auto" on CUDA: the Triton kernels once their self-check passed, else the previous choice.
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(triton_kernels, "_SELF_CHECKED", {"cuda:0": "RuntimeError: failed"})
+    assert row_kernels.resolve("auto", 1 << 30, cuda) == "auto"  # torch.compile's passes
+    assert row_kernels.resolve("auto", 1, cuda) == "eager"
+    monkeypatch.setattr(triton_kernels, "_SELF_CHECKED", {"cuda:0": None})
+    assert row_kernels.resolve("auto", 1, cuda) == "triton"
