@@ -8,7 +8,12 @@ block steps in numpy, one row after another.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,7 +57,7 @@ DEVICES = [
 ]
 
 
-def make_case(rows: int = 12, vocab: int = VOCAB, seed: int = 0):
+def make_case(rows: int = 8, vocab: int = VOCAB, seed: int = 0):
     """Random rows with targets at the argmax, the argmin and random places; a row of integers
     (ties at every k-th value), a near-one-hot row, a row with -inf columns, signed zeros."""
     g = torch.Generator().manual_seed(seed)
@@ -275,3 +280,50 @@ def test_the_self_check_that_gates_auto_passes_and_a_failing_kernel_keeps_the_to
     assert row_kernels.resolve("auto", 1, cuda) == "eager"
     monkeypatch.setattr(triton_kernels, "_SELF_CHECKED", {"cuda:0": None})
     assert row_kernels.resolve("auto", 1, cuda) == "triton"
+
+
+# Compiles the kernels as the loss launches them on an H100/H200 (sm_90), to the cubin (Triton's
+# bundled ptxas), with no GPU: what the interpreter cannot check (the compiler accepts them).
+_COMPILE_FOR_SM90 = textwrap.dedent(
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from divprec.loss import triton_kernels as tk
+
+    def build(fn, signature, constexprs):
+        signature = {**signature, **{name: "constexpr" for name in constexprs}}
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
+
+    top = dict(z_ptr="*fp32", stride_z="i32", n_cols="i32", k="i32", above_ptr="*fp32",
+               max_ptr="*fp32", top_ptr="*fp32", stride_top="i32", tau_ptr="*fp32",
+               rank_ptr="*fp32")
+    build(tk._top_k_kernel, top,
+          dict(PASSES=4, COUNT_RANK=True, WRITE_TOP=True, BLOCK=2048, BINS=256))
+    build(tk._top_k_kernel, {**top, "z_ptr": "*bf16"},
+          dict(PASSES=2, COUNT_RANK=True, WRITE_TOP=True, BLOCK=2048, BINS=256))
+    build(tk._row_sums_kernel,
+          dict(z_ptr="*bf16", stride_z="i32", n_cols="i32", max_ptr="*fp32", skip_ptr="*i32",
+               above_ptr="*fp32", out_ptr="*fp32", n_rows="i32"),
+          dict(COUNT_RANK=False, BLOCK=2048))
+    build(tk._grad_kernel,
+          dict(z_ptr="*bf16", stride_z="i32", out_ptr="*bf16", stride_out="i32", n_cols="i32",
+               max_ptr="*fp32", tau_ptr="*bf16", head_ptr="*fp32", tail_ptr="*fp32"),
+          dict(BLOCK=2048))
+    print("compiled")
+    """
+)
+
+
+def test_the_kernels_compile_for_an_sm90_gpu_without_one(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=str(Path(__file__).parents[2]))
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_SM90],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
