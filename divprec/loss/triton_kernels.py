@@ -56,7 +56,7 @@ def interpreting() -> bool:
 
 def interpreter_problem() -> str | None:
     """Why Triton's interpreter cannot run the kernels here, or None: before triton 3.7 it
-    converts 1-element arrays to Python ints, which numpy >= 2.4 refuses (seen with 3.5.1, 3.6.0)."""
+    converts 1-element arrays to Python ints, which numpy >= 2.4 refuses (3.5.1, 3.6.0 here)."""
     if triton is None:
         return _IMPORT_ERROR
     import numpy

@@ -31,8 +31,8 @@ writing and reading back a vocabulary-sized buffer.
 The two passes are compiled (``loss.kernel``: one fused loop each, C++ on CPU, Triton on CUDA) or
 run eagerly; the code and the results are the same. With ``loss.kernel=triton`` (the default on
 CUDA) step 1 and both passes are the hand-written Triton kernels of divprec.loss.triton_kernels,
-one launch each over all rows; the pass leaves the target out by its column instead of masking. divprec.loss.step_times times each step
-on request.
+one launch each over all rows; the pass leaves the target out by its column instead of masking
+it. divprec.loss.step_times times each step on request.
 
 Memory: nothing vocabulary-sized is allocated in the forward, and the logits themselves (not a
 copy) are saved for the backward. The backward allocates the gradient in the logits' dtype, or,
@@ -96,7 +96,6 @@ def _row_sums(
     sums = torch.zeros((_TARGET_EXP + 1, n), dtype=torch.float32, device=z.device)
     if target_rank is not None:
         sums[_RANK] = target_rank
-    target_z = target_logit.to(z.dtype)  # exact: the target's logit is one of the logits
     if kernel == "triton":
         # One launch over all rows; the target is left out by its column, z is not written.
         skip = torch.where(shard.owned, shard.cols, -1)  # [n]
@@ -104,18 +103,18 @@ def _row_sums(
         sums[:counted] = triton_kernels.row_sums(
             z, row_max, skip, target_logit if target_rank is None else None
         )
-        sums[_TARGET_EXP] = torch.where(shard.owned, torch.exp(target_logit - row_max), 0.0)
-        return sums
-    passes = row_kernels.ChunkPasses(z.shape[1], z.device, kernel)
-    step = chunks.chunk_rows(z.shape[1], z.device, passes.compiled)
-    with targets.masked(z, shard):
-        chunks.for_each_chunk(
-            n,
-            step,
-            z.device,
-            lambda rows: passes.forward(z, sums, row_max, target_z, rows, target_rank is None),
-            threads=not passes.compiled,
-        )
+    else:
+        target_z = target_logit.to(z.dtype)  # exact: the target's logit is one of the logits
+        passes = row_kernels.ChunkPasses(z.shape[1], z.device, kernel)
+        step = chunks.chunk_rows(z.shape[1], z.device, passes.compiled)
+        with targets.masked(z, shard):
+            chunks.for_each_chunk(
+                n,
+                step,
+                z.device,
+                lambda rows: passes.forward(z, sums, row_max, target_z, rows, target_rank is None),
+                threads=not passes.compiled,
+            )
     # The target's e, from the owning rank (the pass above left it out of every sum).
     sums[_TARGET_EXP] = torch.where(shard.owned, torch.exp(target_logit - row_max), 0.0)
     return sums
