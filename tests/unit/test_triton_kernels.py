@@ -36,6 +36,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 VOCAB = 1000  # not a power of 2: the last block of each row is partial
+# Blocks of this many logits where a test covers a row read in several blocks (4 here);
+# elsewhere a row of VOCAB is one block of 1024.
+SMALL_BLOCK = 256
 TOPKS = [1, 7, 100, VOCAB]
 DTYPES = [torch.float32, torch.bfloat16]
 # The CPU tier interprets; the GPU tier compiles the same kernels on CUDA.
@@ -55,6 +58,13 @@ DEVICES = [
         ],
     ),
 ]
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Rows read in several blocks: what carries from block to block (histograms, the max, the
+    compacted values' count, the sums) is exercised."""
+    monkeypatch.setattr(triton_kernels, "_BLOCK_MAX", SMALL_BLOCK)
 
 
 def make_case(rows: int = 8, vocab: int = VOCAB, seed: int = 0):
@@ -104,7 +114,7 @@ def assert_matches_reference(loss, grad, stats, logits, target, cfg, grad_rtol=1
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_step_one_is_the_exact_top_k_with_its_ties_and_the_rank(dtype, device):
+def test_step_one_is_the_exact_top_k_with_its_ties_and_the_rank(dtype, device, small_blocks):
     logits, target = make_case()
     z = logits.to(device=device, dtype=dtype)
     zf = z.float()
@@ -125,7 +135,7 @@ def test_step_one_is_the_exact_top_k_with_its_ties_and_the_rank(dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_row_sums_and_gradient_kernels_against_float64(dtype, device):
+def test_row_sums_and_gradient_kernels_against_float64(dtype, device, small_blocks):
     logits, target = make_case()
     z = logits.to(device=device, dtype=dtype)
     z64 = z.double()
