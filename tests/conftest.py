@@ -27,6 +27,9 @@ def pytest_configure(config) -> None:
     else:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ["DS_ACCELERATOR"] = "cpu"
+        # The loss's Triton kernels run in Triton's interpreter on CPU tensors (triton reads this
+        # as divprec.loss.triton_kernels is imported): tests/unit/test_triton_kernels.py.
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

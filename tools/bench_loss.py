@@ -519,9 +519,10 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--kernel",
-        choices=("auto", "compiled", "eager"),
+        choices=("auto", "compiled", "eager", "triton"),
         default="auto",
-        help="loss.kernel of the shaped loss: its passes compiled (torch.compile) or eager",
+        help="loss.kernel of the shaped loss: its passes compiled (torch.compile), eager, or the "
+        "Triton kernels (CUDA; auto picks them there)",
     )
     p.add_argument(
         "--steps",

@@ -6,9 +6,10 @@
 Steps, each a subprocess with its own time limit (a failing step is recorded, the next runs):
 1. ``gpu_tests``: the GPU test tier (``pytest -m gpu``: the loss kernels, the model build, bf16
    training steps, a checkpoint round trip, grouped experts on the GPU).
-2. ``bench_loss``: the shaped loss against megatron-core's vocab-parallel cross-entropy at V 151936
-   x 16384 tokens in bf16 (time and peak memory ratios, same run); ``bench_loss_fused``: the fused
-   output layer + shaped loss against megatron-core's output matmul + cross-entropy (h 1536).
+2. ``bench_loss``: the shaped loss (``loss.kernel=triton``) against megatron-core's vocab-parallel
+   cross-entropy at V 151936 x 16384 tokens in bf16 (time and peak memory ratios, same run);
+   ``bench_loss_fused``: the fused output layer + shaped loss against megatron-core's output
+   matmul + cross-entropy (h 1536).
 3. ``bench_train`` and ``bench_train_fused``: ``dense_1b`` on one GPU, tokens/s and MFU with
    ``loss=ce`` against ``loss=precision``, then against ``loss=precision loss.fused_linear=true``.
 4. ``syncs``: host synchronisations in one training step (torch.cuda.set_sync_debug_mode);
@@ -59,7 +60,7 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
         hidden = "128"
     else:
         loss = ["--device", "cuda", "--dtype", "bf16", "--vocab", "151936", "--tokens", "16384"]
-        loss += ["--topk", "100", "--tp", "1", "--repeats", "5"]
+        loss += ["--topk", "100", "--tp", "1", "--repeats", "5", "--kernel", "triton"]
         train = ["--model", "dense_1b", "--device", "cuda", "--precision", "bf16"]
         train += ["--steps", "8", "--warmup-steps", "3", "--seq-length", "4096"]
         train += ["--micro-batch", "1", "--global-batch", "4"]

@@ -204,6 +204,20 @@ def validate_train(cfg: PretrainConfig, world_size: int) -> None:
 
 
 def validate_loss(cfg: PretrainConfig, vocab_size: int) -> None:
+    if cfg.loss.kernel == "triton":
+        from divprec.loss import triton_kernels
+
+        why = triton_kernels.available()
+        _require(
+            why is None,
+            f"loss.kernel=triton needs triton ({why}): pip install 'triton>=3.5', "
+            "or set loss.kernel=auto",
+        )
+        _require(
+            torch.cuda.is_available() or triton_kernels.interpreting(),
+            "loss.kernel=triton needs CUDA devices (on CPU it runs only in Triton's interpreter, "
+            "TRITON_INTERPRET=1, for tests): set loss.kernel=auto",
+        )
     _require(
         cfg.loss.topk <= vocab_size,
         f"loss.topk={cfg.loss.topk} is larger than the vocabulary ({vocab_size}): lower loss.topk",

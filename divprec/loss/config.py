@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 POSITIVE_FORMS = ("power", "product")
-KERNELS = ("auto", "compiled", "eager")
+KERNELS = ("auto", "compiled", "eager", "triton")
 
 
 @dataclass
@@ -22,7 +22,12 @@ class ShapedLossConfig:
     - ``positive_form``: "power", r = (1/pi)^((1-pi)^beta), or "product", r = (1-pi)^beta / pi.
     - ``kernel``: how the loss's two passes over the logits run, not what they compute: "compiled"
       (torch.compile: one fused loop each, C++ on CPU, Triton on CUDA), "eager" (plain torch ops),
-      or "auto" (compiled for calls of at least 2^22 logits per shard, where fusion pays for the
+      "triton" (CUDA: the three Triton kernels of divprec.loss.triton_kernels: step 1's exact
+      top-k by a radix select, 5 reads of each fp32 row or 3 of a bf16 one, then the forward's
+      pass and the backward, one read each; GPU timings not yet measured; on CPU only in Triton's
+      interpreter, TRITON_INTERPRET=1, for tests), or
+      "auto" (CUDA: triton when it imports and passes a first-use self-check, else as below;
+      otherwise compiled for calls of at least 2^22 logits per shard, where fusion pays for the
       seconds of compilation, else eager; compiled falls back to eager with a warning when
       compilation fails).
     - ``fused_linear``: the model computes its output layer's matmul and this loss together

@@ -8,12 +8,14 @@ in the same read; :meth:`LocalTopK.kth_largest` selects the k-th largest of the 
 - :class:`TorchBlockTopK`: torch ops (divprec.loss.block_topk), on any device.
 - :class:`NativeBlockTopK`: the CPU C kernel (divprec.loss.native_select), the same algorithm
   with one read of each row; it also counts the target's rank while the row is in cache.
+- :class:`TritonTopK`: the Triton kernel (divprec.loss.triton_kernels, ``loss.kernel=triton``),
+  a radix select; it counts the target's rank too.
 
 :func:`select` picks the strategy for a call. Whether the C kernel builds is a fact about one
 rank (its compiler, its cache directory), so the ranks of the tensor-parallel group agree on it
 at the first call: one rank that cannot build it makes every rank use the torch ops ("auto"), or
-every rank raise ("compiled"). Another strategy (a Triton kernel on CUDA, say) is one more
-subclass and one more case in :func:`select`; the loss itself does not change.
+every rank raise ("compiled"). Another strategy is one more subclass and one more case in
+:func:`select`; the loss itself does not change.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from divprec.loss import block_topk, chunks, native_select
+from divprec.loss import block_topk, chunks, native_select, triton_kernels
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +110,29 @@ class NativeBlockTopK(LocalTopK):
         return native_select.block_topk(values.contiguous(), k)[1].amin(dim=-1)
 
 
+class TritonTopK(LocalTopK):
+    """The Triton kernel (CUDA, or CPU in Triton's interpreter; fp32/bf16): a radix select,
+    1 + 1 read per further 8-bit digit of each row (fp32 5, bf16 3), the target's rank counted
+    in the first."""
+
+    name = "triton"
+    counts_target_rank = True
+
+    def rows(self, z, k, target_logit):
+        row_max, values_and_ties, rank = triton_kernels.local_top(z, k, target_logit)
+        return row_max, values_and_ties[:, :k], values_and_ties[:, k], rank
+
+    def kth_largest(self, values, k):
+        return triton_kernels.kth_largest(values.contiguous(), k)
+
+    def run(self, z, k, target_logit=None):
+        """One launch over all rows: the kernel keeps no temporaries, so no chunks."""
+        return LocalTop(*triton_kernels.local_top(z, k, target_logit))
+
+
 TORCH = TorchBlockTopK()
 NATIVE = NativeBlockTopK()
+TRITON = TritonTopK()
 
 # The agreed strategy (or the error to raise) per (tensor-parallel group, loss.kernel).
 _AGREED: dict[tuple[object, str], LocalTopK | native_select.BuildError] = {}
@@ -119,6 +142,7 @@ _WARNED = False
 def select(kernel: str, z: torch.Tensor, group: dist.ProcessGroup | None) -> LocalTopK:
     """Step 1's strategy for a call with loss.kernel ``kernel`` (already resolved) on shard z.
 
+    "triton" uses the Triton kernel (the ranks need not agree: the collectives are the same).
     "eager", and logits the C kernel does not take (CUDA, other dtypes), use the torch ops.
     Otherwise the C kernel, if it builds on every rank of ``group``; if it does not, "auto" uses
     the torch ops on every rank (one warning) and "compiled" raises BuildError on every rank.
@@ -127,6 +151,8 @@ def select(kernel: str, z: torch.Tensor, group: dist.ProcessGroup | None) -> Loc
     Collective (tp > 1, at the first call per group and kernel that could use the C kernel):
     all-reduce SUM [tp] int32, which ranks could not build it.
     """
+    if kernel == "triton":
+        return TRITON
     if kernel == "eager" or not native_select.supports(z):
         return TORCH
     key = (group, kernel)

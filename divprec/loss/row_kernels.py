@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from divprec.loss import chunks
+from divprec.loss import chunks, triton_kernels
 from divprec.loss.config import KERNELS
 
 log = logging.getLogger(__name__)
@@ -137,15 +137,36 @@ def _mark_failed(fn: Callable, error: Exception) -> None:
 AUTO_MIN_ELEMENTS = 1 << 22
 
 
-def resolve(kernel: str, elements: int) -> str:
-    """The kernel a call runs: ``kernel`` (loss.kernel), with "auto" on a small call -> "eager"."""
+def resolve(kernel: str, elements: int, device: torch.device) -> str:
+    """The kernel a call on ``device`` runs: ``kernel`` (loss.kernel), with "auto" -> "triton"
+    on CUDA where the Triton kernels are usable, else "auto" on a small call -> "eager".
+
+    "triton" on CPU runs only in Triton's interpreter (TRITON_INTERPRET=1, for tests); without
+    it, or without triton, a ValueError says so.
+    """
+    if kernel == "triton":
+        why = triton_kernels.available()
+        if why is not None:
+            raise ValueError(
+                f"loss.kernel=triton needs triton ({why}): pip install 'triton>=3.5', "
+                "or set loss.kernel=auto"
+            )
+        if device.type != "cuda" and not triton_kernels.interpreting():
+            raise ValueError(
+                f"loss.kernel=triton runs on CUDA logits, these are on {device.type} (on CPU only "
+                "in Triton's interpreter, TRITON_INTERPRET=1, for tests): set loss.kernel=auto"
+            )
+        return kernel
+    if kernel == "auto" and device.type == "cuda" and triton_kernels.usable(device):
+        return "triton"
     if kernel == "auto" and elements < AUTO_MIN_ELEMENTS:
         return "eager"
     return kernel
 
 
 def use_compiled(kernel: str) -> bool:
-    """Whether ``kernel`` (loss.kernel) asks for the compiled passes."""
+    """Whether ``kernel`` (loss.kernel, resolved) asks for the compiled passes (torch.compile
+    or, with "triton", the Triton kernels: either way no temporaries per element)."""
     if kernel not in KERNELS:
         raise ValueError(f"loss.kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     return kernel != "eager"

@@ -29,8 +29,10 @@ scale, by z >= tau); then the targets' entries. Recomputing e costs one exp per 
 writing and reading back a vocabulary-sized buffer.
 
 The two passes are compiled (``loss.kernel``: one fused loop each, C++ on CPU, Triton on CUDA) or
-run eagerly; the code and the results are the same. divprec.loss.step_times times each step
-on request.
+run eagerly; the code and the results are the same. With ``loss.kernel=triton`` (the default on
+CUDA) step 1 and both passes are the hand-written Triton kernels of divprec.loss.triton_kernels,
+one launch each over all rows; the pass leaves the target out by its column instead of masking
+it. divprec.loss.step_times times each step on request.
 
 Memory: nothing vocabulary-sized is allocated in the forward, and the logits themselves (not a
 copy) are saved for the backward. The backward allocates the gradient in the logits' dtype, or,
@@ -44,7 +46,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from divprec.loss import chunks, local_top, row_kernels, step_times, targets, threshold
+from divprec.loss import (
+    chunks,
+    local_top,
+    row_kernels,
+    step_times,
+    targets,
+    threshold,
+    triton_kernels,
+)
 from divprec.loss.config import ShapedLossConfig
 from divprec.loss.rewards import RowSums, ShapedRows, shaped_rows
 
@@ -86,17 +96,25 @@ def _row_sums(
     sums = torch.zeros((_TARGET_EXP + 1, n), dtype=torch.float32, device=z.device)
     if target_rank is not None:
         sums[_RANK] = target_rank
-    target_z = target_logit.to(z.dtype)  # exact: the target's logit is one of the logits
-    passes = row_kernels.ChunkPasses(z.shape[1], z.device, kernel)
-    step = chunks.chunk_rows(z.shape[1], z.device, passes.compiled)
-    with targets.masked(z, shard):
-        chunks.for_each_chunk(
-            n,
-            step,
-            z.device,
-            lambda rows: passes.forward(z, sums, row_max, target_z, rows, target_rank is None),
-            threads=not passes.compiled,
+    if kernel == "triton":
+        # One launch over all rows; the target is left out by its column, z is not written.
+        skip = torch.where(shard.owned, shard.cols, -1)  # [n]
+        counted = len(row_kernels.SUM_ROWS) - int(target_rank is not None)
+        sums[:counted] = triton_kernels.row_sums(
+            z, row_max, skip, target_logit if target_rank is None else None
         )
+    else:
+        target_z = target_logit.to(z.dtype)  # exact: the target's logit is one of the logits
+        passes = row_kernels.ChunkPasses(z.shape[1], z.device, kernel)
+        step = chunks.chunk_rows(z.shape[1], z.device, passes.compiled)
+        with targets.masked(z, shard):
+            chunks.for_each_chunk(
+                n,
+                step,
+                z.device,
+                lambda rows: passes.forward(z, sums, row_max, target_z, rows, target_rank is None),
+                threads=not passes.compiled,
+            )
     # The target's e, from the owning rank (the pass above left it out of every sum).
     sums[_TARGET_EXP] = torch.where(shard.owned, torch.exp(target_logit - row_max), 0.0)
     return sums
@@ -139,7 +157,7 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
         tgt = target.reshape(-1)  # [n]
         targets.check(tgt, z.shape[0], vocab, logits.shape)
         lap = step_times.laps(z.device)  # marks the steps' ends (timed only when recording)
-        kernel = row_kernels.resolve(cfg.kernel, z.numel())
+        kernel = row_kernels.resolve(cfg.kernel, z.numel(), z.device)
         strategy = local_top.select(kernel, z, group)
 
         # 0. The target's logit, from its owner.
@@ -203,14 +221,17 @@ class _VocabParallelShapedLoss(torch.autograd.Function):
         head_scale = (head_scale * g).contiguous()
         tail_scale = (tail_scale * g).contiguous()
         grad = z if ctx.overwrite else torch.empty_like(z)
-        passes = row_kernels.ChunkPasses(z.shape[1], z.device, ctx.kernel)
-        chunks.for_each_chunk(
-            z.shape[0],
-            chunks.chunk_rows(z.shape[1], z.device, passes.compiled),
-            z.device,
-            lambda rows: passes.backward(z, grad, row_max, tau_z, head_scale, tail_scale, rows),
-            threads=not passes.compiled,
-        )
+        if ctx.kernel == "triton":
+            triton_kernels.shaped_grad(z, grad, row_max, tau_z, head_scale, tail_scale)
+        else:
+            passes = row_kernels.ChunkPasses(z.shape[1], z.device, ctx.kernel)
+            chunks.for_each_chunk(
+                z.shape[0],
+                chunks.chunk_rows(z.shape[1], z.device, passes.compiled),
+                z.device,
+                lambda rows: passes.backward(z, grad, row_max, tau_z, head_scale, tail_scale, rows),
+                threads=not passes.compiled,
+            )
         targets.write_at_targets(grad, owned, cols, target_grad * g)
         lap("backward")
         return grad.view(ctx.input_shape), None, None, None, None
@@ -293,13 +314,17 @@ def forward_temporaries_bytes(rows: int, local_vocab: int, kernel: str, on_gpu: 
     """Upper bound of the forward's vocabulary-sized temporaries on one rank (memory planning).
 
     On CPU with the compiled kernels (loss.kernel resolved for ``rows`` x ``local_vocab`` logits)
-    step 1 runs in C and the passes in one loop each: nothing vocabulary-sized. The torch path's
-    step 1 holds, for one chunk of rows at a time, a boolean mask over the chunk and its int64
-    count: 9 bytes per logit of a chunk.
+    step 1 runs in C and the passes in one loop each, and with loss.kernel=triton every pass is
+    one Triton kernel: nothing vocabulary-sized ("auto" on CUDA is bounded as if its Triton
+    kernels failed their self-check). The torch path's step 1 holds, for one chunk of rows at a
+    time, a boolean mask over the chunk and its int64 count: 9 bytes per logit of a chunk.
     """
-    kernel = row_kernels.resolve(kernel, rows * local_vocab)
-    if not on_gpu and row_kernels.use_compiled(kernel):
-        return 0
+    if kernel == "triton":
+        return 0  # the Triton kernels keep nothing per element
+    if not on_gpu:
+        resolved = row_kernels.resolve(kernel, rows * local_vocab, torch.device("cpu"))
+        if row_kernels.use_compiled(resolved):
+            return 0
     device = torch.device("cuda" if on_gpu else "cpu")
     chunk_rows = chunks.chunk_rows(local_vocab, device, compiled=False)
     return 9 * min(rows, chunk_rows) * local_vocab

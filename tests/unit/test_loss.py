@@ -523,14 +523,19 @@ def test_auto_kernel_falls_back_to_eager_when_compiling_fails(monkeypatch, caplo
 def test_auto_kernel_compiles_large_calls_only():
     import divprec.loss.row_kernels as rk
 
-    assert rk.resolve("auto", rk.AUTO_MIN_ELEMENTS - 1) == "eager"
-    assert rk.resolve("auto", rk.AUTO_MIN_ELEMENTS) == "auto"  # compiled, with the fallback
-    assert rk.resolve("compiled", 1) == "compiled" and rk.resolve("eager", 1 << 40) == "eager"
+    cpu = torch.device("cpu")
+    assert rk.resolve("auto", rk.AUTO_MIN_ELEMENTS - 1, cpu) == "eager"
+    assert rk.resolve("auto", rk.AUTO_MIN_ELEMENTS, cpu) == "auto"  # compiled, with the fallback
+    assert rk.resolve("compiled", 1, cpu) == "compiled"
+    assert rk.resolve("eager", 1 << 40, cpu) == "eager"
 
 
 def test_kernel_must_be_known():
-    with pytest.raises(ValueError, match="loss.kernel must be one of auto, compiled, eager"):
-        ShapedLossConfig(kernel="triton")
+    assert ShapedLossConfig(kernel="triton").kernel == "triton"
+    with pytest.raises(
+        ValueError, match="loss.kernel must be one of auto, compiled, eager, triton"
+    ):
+        ShapedLossConfig(kernel="cuda")
 
 
 def test_step_times_records_every_step_and_changes_nothing():
