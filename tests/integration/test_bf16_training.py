@@ -21,8 +21,6 @@ from toy_model import TOY_MODEL, tiny_run
 
 from divprec.parallel.spawn import run_in_processes
 
-pytestmark = pytest.mark.slow
-
 WORLD = 2
 MICROBATCHES = 64  # per data-parallel rank, of 1 sample of 32 tokens
 # (case, overrides): ZeRO-1 and ZeRO-2 over data parallel 2; ZeRO-1 with pipeline parallelism.

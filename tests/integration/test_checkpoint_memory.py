@@ -12,14 +12,11 @@ host): a save needs at most that, measured as the size of the rank's files, plus
 
 from __future__ import annotations
 
-import pytest
 from toy_model import tiny_run
 
 from divprec.config.compose import compose_config
 from divprec.config.validate import validate
 from divprec.parallel.spawn import run_in_processes
-
-pytestmark = pytest.mark.slow
 
 GOAL = 1.25
 

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiers import slow_except
 from toy_model import SignalAt, tiny_run
 
 from divprec.config.compose import compose_config
 from divprec.config.validate import validate
 from divprec.parallel.spawn import run_in_processes
-
-pytestmark = pytest.mark.slow
 
 STEPS = 3
 BASE = tiny_run(
@@ -77,7 +76,7 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", slow_except(LAYOUTS, "ep2"))
 def test_expert_parallel_matches_single_process(layout, single, tmp_path):
     world, overrides = LAYOUTS[layout]
     history = _run(world, overrides, tmp_path)["history"]
@@ -97,6 +96,7 @@ RESHARD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(RESHARD))
 def test_resume_across_expert_parallel_sizes(case, single, tmp_path):
     world_a, layout_a, world_b, layout_b = RESHARD[case]

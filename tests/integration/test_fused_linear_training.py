@@ -13,8 +13,6 @@ from divprec.config.compose import compose_config
 from divprec.config.validate import validate
 from divprec.parallel.spawn import run_in_processes
 
-pytestmark = pytest.mark.slow
-
 BASE = tiny_run("loss=tail_penalty", "loss.beta=-0.25", "train.steps=3")
 # 100 tokens per chunk: a micro-batch of 2 x 64 tokens takes two chunks, the second partial.
 FUSED = ["loss.fused_linear=true", "loss.fused_chunk_tokens=100"]
@@ -77,6 +75,7 @@ def _train(rank: int, world: int, overrides: list[str], run_dir: str) -> list[di
     return pretrain(cfg).history
 
 
+@pytest.mark.slow
 def test_fused_linear_at_tp2_pp2_sequence_parallel_equals_one_process(runs, tmp_path):
     overrides = ["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true"]
     histories = run_in_processes(_train, 4, [*overrides, *FUSED], str(tmp_path))

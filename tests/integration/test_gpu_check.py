@@ -7,11 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
-
-pytestmark = pytest.mark.slow
 
 
 def test_gpu_check_dry_run(tmp_path):

@@ -15,8 +15,6 @@ from toy_model import tiny_run
 
 from divprec.checkpoint.layout import check_complete, resolve_latest
 
-pytestmark = pytest.mark.slow
-
 STEPS = 10
 ARGS = tiny_run(
     f"train.steps={STEPS}",

@@ -11,14 +11,13 @@ import sys
 
 import pytest
 import torch
+from tiers import slow_except
 from toy_model import tiny_run
 
 from divprec.checkpoint.layout import resolve_latest
 from divprec.config.compose import compose_config
 from divprec.config.validate import validate
 from divprec.parallel.spawn import run_in_processes
-
-pytestmark = pytest.mark.slow
 
 DIVERGING = tiny_run(
     "optim.lr=1e30", "optim.warmup_steps=0", "train.steps=20", "train.max_skipped_steps=3"
@@ -53,7 +52,7 @@ def _diverge(rank: int, world: int, run_dir: str, overrides: list[str] = DIVERGI
     return {"code": 0, "message": "", "steps": record.steps}
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", slow_except(["fp32", "bf16"], "fp32"))
 def test_non_finite_updates_are_skipped_on_every_rank_then_the_run_stops(tmp_path, precision):
     # bf16: DeepSpeed's own skip (its overflow check) is what was_step_applied() reports.
     overrides = [*DIVERGING, f"train.precision={precision}"]
@@ -147,6 +146,7 @@ def _save_with_nan(rank: int, world: int, run_dir: str, where: str) -> str:
     return "saved"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["weights", "optimizer", "bf16_master_weights"])
 def test_a_checkpoint_is_never_written_with_non_finite_state(tmp_path, where):
     messages = run_in_processes(_save_with_nan, 2, str(tmp_path), where)
@@ -158,6 +158,7 @@ def test_a_checkpoint_is_never_written_with_non_finite_state(tmp_path, where):
     assert not (tmp_path / "checkpoints" / "step_0000002").exists()
 
 
+@pytest.mark.slow
 def test_loss_spikes_are_skipped_on_every_rank(tmp_path):
     """With a window of 2 and a low threshold, every rise of the loss counts as a spike."""
     spiky = tiny_run(

@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+from tiers import slow_except
 from toy_model import tiny_run
 
 from divprec.config.compose import compose_config
 from divprec.config.validate import validate
 from divprec.parallel.spawn import run_in_processes
-
-pytestmark = pytest.mark.slow
 
 # A small, fast run of the tiny model with the shaped loss (precision + tail penalty).
 BASE = tiny_run(
@@ -47,7 +46,7 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", slow_except(LAYOUTS, "tp2_pp2"))
 def test_layout_matches_single_process(layout, reference, tmp_path):
     world, overrides = LAYOUTS[layout]
     histories = run_in_processes(_train, world, overrides, str(tmp_path))
@@ -68,6 +67,7 @@ def _train_moe(rank: int, world: int, overrides: list[str], run_dir: str) -> dic
     return pretrain(cfg).history
 
 
+@pytest.mark.slow
 def test_moe_trains_and_balances_with_expert_bias(tmp_path):
     (history,) = run_in_processes(_train_moe, 1, [], str(tmp_path / "single"))
     assert history[-1]["lm_loss"] < history[0]["lm_loss"]
@@ -86,6 +86,7 @@ def test_moe_trains_and_balances_with_expert_bias(tmp_path):
             assert math.isclose(ours[key], ref[key], rel_tol=1e-4), (ours["step"], key)
 
 
+@pytest.mark.slow
 def test_tied_embeddings_across_pipeline_stages(tmp_path):
     """The first stage's embedding and the last stage's output layer are one weight: both copies
     get its whole gradient (an embedding-group all-reduce), and the norm counts it once."""

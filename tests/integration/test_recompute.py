@@ -12,12 +12,11 @@ import math
 
 import pytest
 from test_pretrain_layouts import BASE
+from tiers import slow_except
 
 from divprec.config.compose import compose_config
 from divprec.config.validate import validate
 from divprec.parallel.spawn import run_in_processes
-
-pytestmark = pytest.mark.slow
 
 KEYS = ("loss", "lm_loss", "grad_norm")
 MOE_KEYS = ("moe_max_load_ratio", "moe_expert_bias_abs_mean")
@@ -84,7 +83,7 @@ SINGLE = {
 }
 
 
-@pytest.mark.parametrize("model", list(SINGLE))
+@pytest.mark.parametrize("model", slow_except(SINGLE, "dense"))
 def test_recompute_matches_none_single_process(model, tmp_path):
     none, cases = SINGLE[model]
     ((histories, leftovers),) = run_in_processes(
@@ -100,6 +99,7 @@ def test_recompute_matches_none_single_process(model, tmp_path):
     assert reference[-1]["lm_loss"] < reference[0]["lm_loss"]
 
 
+@pytest.mark.slow
 def test_recompute_matches_none_tp2_pp2_sequence_parallel(tmp_path):
     layout = ["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true"]
     cases = [

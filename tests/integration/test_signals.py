@@ -17,8 +17,6 @@ from toy_model import tiny_run
 
 from divprec.checkpoint.layout import check_complete, resolve_latest
 
-pytestmark = pytest.mark.slow
-
 STEPS = 40
 ARGS = tiny_run(
     f"train.steps={STEPS}",
@@ -34,7 +32,7 @@ def _logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line]
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [pytest.param(0, marks=pytest.mark.slow), 2])
 def test_signal_to_the_process_group_after_interval_saves(tmp_path, num_workers):
     proc = subprocess.Popen(
         [

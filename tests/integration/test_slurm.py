@@ -23,7 +23,7 @@ import pytest
 from slurm_cluster import REPO, SlurmCluster, free_ports, slurm_cluster  # noqa: F401 (fixture)
 from toy_model import tiny_run
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = pytest.mark.slurm
 
 SCRIPT = REPO / "launch" / "pretrain.slurm"
 LOCAL = REPO / "launch" / "local.sh"
@@ -197,6 +197,7 @@ def test_preemption_after_interval_saves_requeues_and_resumes(slurm_cluster, tmp
     _assert_close(_read_metrics(run_dir), ref, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_time_limit_signal_from_slurm_requeues_and_resumes(slurm_cluster, tmp_path):  # noqa: F811
     """SLURM itself signals ahead of a short time limit (--time 2 --signal=USR2@60; the signal is
     configurable): the job saves and is requeued, and the next attempt resumes from that save.
@@ -249,6 +250,7 @@ def test_time_limit_signal_from_slurm_requeues_and_resumes(slurm_cluster, tmp_pa
     assert steps == list(range(1, len(steps) + 1)), steps  # each step once, in order
 
 
+@pytest.mark.slow
 def test_submit_without_a_logs_folder_writes_the_job_log(slurm_cluster, tmp_path):  # noqa: F811
     """A plain `sbatch launch/pretrain.slurm` from a directory with nothing in it: the job runs and
     its log is <submit dir>/divprec-<job id>.out (SLURM cannot create folders for --output; with
@@ -288,6 +290,7 @@ def _is_worker(process: psutil.Process, run_dir: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_killed_worker_restarts_inside_the_allocation(slurm_cluster, tmp_path):  # noqa: F811
     """A 2-node tensor-parallel job, one torchrun per node; kill -9 of one training process:
     torchrun restarts the worker groups on both nodes (DIVPREC_MAX_RESTARTS), they resume from the

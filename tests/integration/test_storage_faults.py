@@ -17,8 +17,6 @@ from divprec.config.compose import compose_config
 from divprec.config.validate import validate
 from divprec.parallel.spawn import run_in_processes
 
-pytestmark = pytest.mark.slow
-
 # One tiny-model checkpoint is ~29 MB (weights + fp32 master + Adam moments): two fit, the
 # third (step 6) runs out of space while its shards are written.
 TMPFS_SIZE = "72m"
@@ -68,6 +66,7 @@ def test_full_disk_on_two_ranks(small_disk, tmp_path):
         _assert_clean_failure(small_disk, message)
 
 
+@pytest.mark.slow
 def test_full_disk_from_the_command_line(small_disk, tmp_path):
     proc = subprocess.run(
         [

@@ -14,8 +14,6 @@ from divprec.study.data import DataSpec
 from divprec.study.report import REPORT_KEYS, SETTING_KEYS
 from divprec.study.seeds import SEEDS_REPORT_KEYS, run_seeds
 
-pytestmark = pytest.mark.slow
-
 PLOTS = ("pretrain_entropy", "pass_at_k", "rl_curves", "rl_pass_at_k")
 SEEDS = [1234, 2]
 VERDICTS = {"holds", "contradicted", "not decided"}

@@ -16,8 +16,6 @@ import psutil
 import pytest
 from toy_model import tiny_run
 
-pytestmark = pytest.mark.slow
-
 LOCAL = Path(__file__).resolve().parents[2] / "launch" / "local.sh"
 STEPS = 12
 RUN = tiny_run(f"train.steps={STEPS}", "checkpoint.interval=2")
@@ -97,6 +95,7 @@ def test_killed_worker_is_restarted_and_the_run_resumes(tmp_path):
     print(f"restart to finish: {time.monotonic() - killed_at:.1f} s")
 
 
+@pytest.mark.slow
 def test_stopped_worker_fails_the_job_within_the_collective_timeout(tmp_path):
     timeout_s = 15
     proc = _launch(tmp_path, f"parallel.timeout_minutes={timeout_s / 60}", restarts=0)
