@@ -31,8 +31,6 @@ from shared_runs import train as _train  # noqa: E402
 
 from divprec.parallel.spawn import run_in_processes  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[2]
 CONVERT = ROOT / "tools" / "convert.py"
 LAYOUT = TP2_PP2
@@ -332,6 +330,7 @@ def _first_step(rank: int, world: int, overrides: list[str], run_dir: str) -> li
     return _train(rank, world, ["train.steps=1", *overrides], run_dir)
 
 
+@pytest.mark.slow
 def test_divprec_to_hf_to_divprec_keeps_the_first_step_loss(runs, exports, tmp_path):
     """The tiny checkpoint, exported and imported again, trains (at another layout, from step 0)
     with the same first-step lm_loss as the original weights."""
@@ -352,6 +351,7 @@ def test_divprec_to_hf_to_divprec_keeps_the_first_step_loss(runs, exports, tmp_p
     assert imported[0]["lm_loss"] == original[0]["lm_loss"], (imported, original)
 
 
+@pytest.mark.slow
 def test_lm_evaluation_harness_runs_the_export_offline(exports, tmp_path):
     pytest.importorskip("lm_eval")
     from divprec.data.tokenizer import Tokenizer
@@ -394,6 +394,7 @@ def test_lm_evaluation_harness_runs_the_export_offline(exports, tmp_path):
         assert row["resps"][0][0] == text
 
 
+@pytest.mark.slow
 def test_bad_input_fails_with_one_line(runs, exports, tmp_path):
     cases = [
         (["to-hf", tmp_path / "nowhere", tmp_path / "o1"], "does not exist"),
