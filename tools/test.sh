@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: sets up the environment, then runs the suite.
-#   bash tools/test.sh          the default run (CI's): every test not marked slow, ~20 min on 2 cores
+#   bash tools/test.sh          the default run (CI's): every test not marked slow, ~16 min on 2 cores
 #   bash tools/test.sh --all    also the slow ones (the other cases of the same end-to-end tests)
 #   - The CPU tier (everything not marked gpu) always runs, on CPU: tests/conftest.py hides CUDA
 #     from it, so a GPU host runs it exactly as a CPU machine does.
